@@ -1,0 +1,495 @@
+"""OmgLlava: the whole model and its user API (chat, follow, perceive).
+
+The expensive image work — encoder, pixel decoder, the panoptic perception pass, the perception
+prior and the LLM's visual tokens — runs once per image and is cached (`set_image`), the way
+segment-anything's predictor separates `set_image` from `predict`. Prompt passes, `[SEG]` passes
+and later turns reuse it; follow mode needs only the encoder and pixel decoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from omg_llava_ros.model.chat_template import IMAGE_TOKEN, Turn, first_user_text, render_conversation
+from omg_llava_ros.model.config import OmgLlavaConfig, get_config
+from omg_llava_ros.model.image_encoder import ImageEncoder
+from omg_llava_ros.model.language_model import (
+    DEFAULT_CORPUS,
+    MARK_TOKEN,
+    PHRASE_END,
+    PHRASE_START,
+    REGION_TOKEN,
+    SEG_TOKEN,
+    LogitsProcessor,
+    SpecialTokenIds,
+    add_special_tokens,
+    build_language_model,
+    greedy_generate,
+    special_token_ids,
+    train_tokenizer,
+)
+from omg_llava_ros.model.omg_decoder import DecoderMemory, DecoderOutput, OmgDecoder
+from omg_llava_ros.model.perception_prior import PerceptionPrior, confidence, perception_prior
+from omg_llava_ros.model.pixel_shuffle import pixel_shuffle
+from omg_llava_ros.model.preprocessing import ImagePreprocessor, Letterbox, check_image
+from omg_llava_ros.model.projectors import TextProjector, VisualProjector
+from omg_llava_ros.model.prompt_encoder import EncodedPrompt, PromptEncoder
+
+log = logging.getLogger(__name__)
+
+IMAGE_PLACEHOLDER = -200  # xtuner's IMAGE_TOKEN_INDEX
+EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "weights" / "embedded"
+CONFIG_FILE = "config.json"
+VISION_WEIGHTS = "model.safetensors"
+_TAG_RE = re.compile(r"<p>(.*?)</p>|\[SEG\]", re.DOTALL)
+
+
+# -- user-facing data ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Prompt:
+    """A visual prompt in input-image pixels: `Prompt.point(x, y)`, `.box(x0, y0, x1, y1)`, `.mask(m)`."""
+
+    kind: str
+    coords: tuple[float, ...] = ()
+    mask_array: np.ndarray | None = field(default=None, compare=False)
+
+    @classmethod
+    def point(cls, x: float, y: float) -> Prompt:
+        return cls("point", (float(x), float(y)))
+
+    @classmethod
+    def box(cls, x0: float, y0: float, x1: float, y1: float) -> Prompt:
+        if x1 < x0 or y1 < y0:
+            raise ValueError(f"box must be (x0, y0, x1, y1) with x0 ≤ x1 and y0 ≤ y1, got {(x0, y0, x1, y1)}")
+        return cls("box", (float(x0), float(y0), float(x1), float(y1)))
+
+    @classmethod
+    def mask(cls, mask: np.ndarray) -> Prompt:
+        mask = np.asarray(mask)
+        if mask.ndim != 2:
+            raise ValueError(f"mask prompt must be H×W, got shape {mask.shape}")
+        if not mask.any():
+            raise ValueError("mask prompt is empty")
+        return cls("mask", (), mask.astype(bool))
+
+    def to_model(self, box: Letterbox) -> EncodedPrompt:
+        if self.kind == "point":
+            (x, y), = box.points_to_model([self.coords])
+            return EncodedPrompt("point", point=(float(x), float(y)))
+        if self.kind == "box":
+            corners = box.points_to_model([self.coords[:2], self.coords[2:]])
+            return EncodedPrompt("box", box=tuple(float(v) for v in corners.reshape(-1)))
+        if self.kind == "mask":
+            return EncodedPrompt("mask", mask=box.mask_to_model(self.mask_array))
+        raise ValueError(f"unknown prompt kind {self.kind!r}")
+
+
+@dataclass
+class Segment:
+    """One object. mask: bool H×W at the input size; query: (2, C) decoder query (content, position)
+    that finds it again on a new frame (`follow`)."""
+
+    phrase: str | None
+    mask: np.ndarray
+    score: float
+    label: str | None = None
+    query: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def box(self) -> tuple[int, int, int, int] | None:
+        """(x0, y0, x1, y1) pixel bounds, end exclusive; None for an empty mask."""
+        ys, xs = np.nonzero(self.mask)
+        if len(xs) == 0:
+            return None
+        return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+@dataclass
+class Conversation:
+    """The history a later `chat` continues from."""
+
+    turns: list[Turn] = field(default_factory=list)
+
+
+@dataclass
+class ChatResult:
+    text: str
+    segments: list[Segment]
+    history: Conversation
+
+    @property
+    def clean_text(self) -> str:
+        return clean_text(self.text)
+
+
+def clean_text(text: str) -> str:
+    """The answer without `<p>`, `</p>` and `[SEG]` tags and the spaces they leave."""
+    text = text.replace(PHRASE_START, "").replace(PHRASE_END, "").replace(SEG_TOKEN, "")
+    text = re.sub(r"\s+([.,;:!?])", r"\1", text)
+    return re.sub(r"\s{2,}", " ", text).strip()
+
+
+def phrases_for_segs(text: str) -> list[str | None]:
+    """The phrase of each `[SEG]` in order: the latest `<p> … </p>` not yet used, else None."""
+    phrases: list[str | None] = []
+    pending: str | None = None
+    for m in _TAG_RE.finditer(text):
+        if m.group(0) == SEG_TOKEN:
+            phrases.append(pending)
+            pending = None
+        else:
+            pending = m.group(1).strip()
+    return phrases
+
+
+@dataclass
+class ImageState:
+    """Everything computed once per image. Perception fields are filled on first need."""
+
+    key: str
+    letterbox: Letterbox
+    last_stage: torch.Tensor
+    memory: DecoderMemory
+    perception: DecoderOutput | None = None
+    prior: PerceptionPrior | None = None
+    visual_tokens: torch.Tensor | None = None
+
+
+# -- the model ----------------------------------------------------------------------------------
+class OmgLlava(nn.Module):
+    def __init__(self, config: OmgLlavaConfig, tokenizer=None, llm: nn.Module | None = None, device="cpu"):
+        super().__init__()
+        self.config = config
+        with torch.device(device):
+            self.image_encoder = ImageEncoder(config.image_encoder)
+            self.omg_decoder = OmgDecoder(config.decoder, config.image_encoder.dims)
+            self.visual_projector = VisualProjector(config)
+            self.text_projector = TextProjector(config)
+        self.llm = llm if llm is not None else build_language_model(config.language_model, device=device)
+        self.tokenizer = tokenizer
+        self.tokens: SpecialTokenIds | None = special_token_ids(tokenizer) if tokenizer is not None else None
+        enc = config.image_encoder
+        self.preprocess = ImagePreprocessor(enc.image_size, enc.image_mean, enc.image_std)
+        self.prompt_encoder = PromptEncoder(self.omg_decoder, enc.image_size, config.point_box_half_size)
+        self._cache: ImageState | None = None
+        self.eval()
+        self.requires_grad_(False)
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, name: str | OmgLlavaConfig = "tiny", device="cpu", seed: int | None = 0) -> OmgLlava:
+        """A model with random weights. "official-7b" has the released shapes; on device="meta" it
+        allocates nothing (and has no tokenizer: the InternLM2 one comes with converted weights)."""
+        config = get_config(name) if isinstance(name, str) else name
+        if seed is not None and str(device) != "meta":
+            torch.manual_seed(seed)
+        tokenizer = None
+        if config.language_model.vocab_size <= 0:
+            tokenizer = train_tokenizer(DEFAULT_CORPUS)
+            config.language_model.vocab_size = add_special_tokens(tokenizer)
+        model = cls(config, tokenizer=tokenizer, device=device)
+        if str(device) != "meta":
+            model._init_class_embed()
+        return model
+
+    def _init_class_embed(self) -> None:
+        emb = torch.randn_like(self.omg_decoder.class_embed)
+        self.omg_decoder.class_embed.copy_(torch.nn.functional.normalize(emb, dim=-1))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, device="cpu", llm_dtype: torch.dtype | None = None):
+        """Load a saved model directory; no argument loads the embedded default shipped in the package."""
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        directory = Path(path) if path is not None else EMBEDDED_DIR
+        if not (directory / CONFIG_FILE).is_file():
+            if path is None:
+                raise FileNotFoundError(
+                    f"the embedded default model is not in this installation ({directory}); "
+                    "build it with `omg-llava-ros train` or pass a model directory"
+                )
+            raise FileNotFoundError(f"{directory} is not an OMG-LLaVA model directory (no {CONFIG_FILE})")
+        config = OmgLlavaConfig.load(directory / CONFIG_FILE)
+        tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer", trust_remote_code=False)
+        dtype = llm_dtype or (torch.float32 if str(device) == "cpu" else torch.bfloat16)
+        llm = AutoModelForCausalLM.from_pretrained(
+            directory / "llm", trust_remote_code=False, dtype=dtype, device_map=None
+        ).to(device)
+        model = cls(config, tokenizer=tokenizer, llm=llm, device="meta")
+        state = load_file(directory / VISION_WEIGHTS, device=str(device))
+        missing, unexpected = _load_vision_state(model, state)
+        if missing or unexpected:
+            raise ValueError(f"{directory / VISION_WEIGHTS}: missing keys {missing}, unexpected keys {unexpected}")
+        model.eval().requires_grad_(False)
+        return model
+
+    def save_pretrained(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        directory = Path(path)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.save(directory / CONFIG_FILE)
+        vision = {k: v.contiguous() for k, v in self.state_dict().items() if not k.startswith("llm.")}
+        save_file(vision, directory / VISION_WEIGHTS, metadata={"format": "pt"})
+        self.llm.save_pretrained(directory / "llm", safe_serialization=True)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(directory / "tokenizer")
+        (directory / "README.txt").write_text(
+            json.dumps({"name": self.config.name, "load": "OmgLlava.from_pretrained(path)"}, indent=2)
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.omg_decoder.query_feat.weight.device
+
+    # -- image pass -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def set_image(self, image: np.ndarray, perception: bool = True) -> ImageState:
+        """Run (or reuse) the expensive per-image work. The last image stays cached."""
+        image = check_image(image)
+        key = _image_key(image)
+        state = self._cache
+        if state is None or state.key != key:
+            pixels, box = self.preprocess(image)
+            features = self.image_encoder(pixels.to(self.device))
+            memory = self.omg_decoder.encode_memory(features)
+            state = ImageState(key, box, features[-1], memory)
+            self._cache = state
+        if perception and state.perception is None:
+            self._perceive_state(state)
+        return state
+
+    def _perceive_state(self, state: ImageState) -> None:
+        dec = self.omg_decoder
+        q, pos = dec.panoptic_queries()
+        out = dec.decode(q, pos, state.memory, with_class=True)
+        ratio = self.config.pixel_shuffle_ratio
+        shuffled = pixel_shuffle(state.last_stage, ratio)
+        side = state.last_stage.shape[-1] // ratio
+        prior = perception_prior(
+            out.class_logits,
+            out.mask_logits[-1],
+            out.query,
+            pos,
+            self.config.image_encoder.image_size,
+            (side, side),
+            self.config.prior_smooth_ratio,
+            self.config.perception_prior,
+        )
+        proj = self.visual_projector
+        pixel_tokens = proj.pixel_tokens(shuffled, prior.pixel_prior)[0]
+        object_tokens = proj.object_tokens(prior.object_tokens[0])
+        state.perception, state.prior = out, prior
+        state.visual_tokens = proj.image_sequence(pixel_tokens, object_tokens)
+
+    # -- chat -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def chat(
+        self,
+        image: np.ndarray,
+        text: str,
+        prompts: Sequence[Prompt] | None = None,
+        history: Conversation | None = None,
+        max_new_tokens: int | None = None,
+        logits_processor: LogitsProcessor | None = None,
+    ) -> ChatResult:
+        """Answer `text` about `image`. `prompts` fill the `<region>` / `<mark>` tokens of `text`, in order."""
+        if self.tokenizer is None or self.tokens is None:
+            raise RuntimeError("this model has no tokenizer; load converted weights with from_pretrained()")
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a string, got {type(text).__name__}")
+        prompts = list(prompts or [])
+        n_slots = text.count(REGION_TOKEN) + text.count(MARK_TOKEN)
+        if n_slots != len(prompts):
+            raise ValueError(
+                f"the text has {n_slots} {REGION_TOKEN}/{MARK_TOKEN} token(s) but {len(prompts)} prompt(s) were given"
+            )
+        if IMAGE_TOKEN in text and history is not None and history.turns:
+            raise ValueError(f"{IMAGE_TOKEN} may only appear in the first turn")
+        state = self.set_image(image, perception=True)
+        past = list(history.turns) if history is not None else []
+        user = first_user_text(text) if not past else text
+        turns = past + [Turn(user=user, prompts=prompts)]
+
+        embeds = self._embed_conversation(turns, state)
+        gen = greedy_generate(
+            self.llm,
+            embeds[None],
+            self.tokens.stop_ids,
+            self.tokens.seg,
+            max_new_tokens or self.config.max_new_tokens,
+            logits_processor,
+        )
+        answer = self.tokenizer.decode(gen.token_ids, skip_special_tokens=False)
+        turns[-1] = Turn(user=user, assistant=answer, prompts=prompts)
+        segments = self._decode_segs(gen.seg_hidden, state, phrases_for_segs(answer))
+        return ChatResult(answer, segments, Conversation(turns))
+
+    def conversation_ids(self, turns: list[Turn]) -> list[int]:
+        """Token ids of the rendered conversation, with IMAGE_PLACEHOLDER where `<image>` was."""
+        text = render_conversation(turns, self.config.system_prompt)
+        chunks = text.split(IMAGE_TOKEN)
+        if len(chunks) > 2:
+            raise ValueError(f"only one {IMAGE_TOKEN} per conversation is supported")
+        ids: list[int] = [self.tokens.bos] if self.tokens.bos is not None else []
+        for i, chunk in enumerate(chunks):
+            if i > 0:
+                ids.append(IMAGE_PLACEHOLDER)
+            ids.extend(self.tokenizer.encode(chunk, add_special_tokens=False))
+        return ids
+
+    def _embed_conversation(self, turns: list[Turn], state: ImageState) -> torch.Tensor:
+        ids = torch.tensor(self.conversation_ids(turns), device=self.device)
+        prompts = [p for t in turns for p in t.prompts]
+        return self.embed_ids(ids, state, self.prompt_embeddings(prompts, state))
+
+    def embed_ids(
+        self, ids: torch.Tensor, state: ImageState | None, prompt_embeds: torch.Tensor | None
+    ) -> torch.Tensor:
+        """(L,) ids → (L', hidden) LLM input: image placeholder expanded, prompt tokens replaced."""
+        embed = self.llm.get_input_embeddings()
+        is_prompt = (ids == self.tokens.region) | (ids == self.tokens.mark)
+        is_image = ids == IMAGE_PLACEHOLDER
+        safe = torch.where(is_prompt | is_image, torch.zeros_like(ids), ids)
+        x = embed(safe)
+        n_prompt = int(is_prompt.sum())
+        if n_prompt:
+            given = 0 if prompt_embeds is None else len(prompt_embeds)
+            if given != n_prompt:
+                raise ValueError(f"{n_prompt} prompt token(s) but {given} prompt(s)")
+            x = x.clone()
+            x[is_prompt] = prompt_embeds.to(x.dtype)
+        where = torch.nonzero(is_image).flatten()
+        if len(where) == 0:
+            return x
+        if state is None or state.visual_tokens is None:
+            raise ValueError("the text has an image token but no image was encoded")
+        i = int(where[0])
+        return torch.cat([x[:i], state.visual_tokens.to(x.dtype), x[i + 1 :]], dim=0)
+
+    def prompt_embeddings(self, prompts: Sequence[Prompt], state: ImageState) -> torch.Tensor | None:
+        """Visual prompts → (N, hidden) `<region>` embeddings: decoder query → shared object MLP."""
+        if not prompts:
+            return None
+        encoded = [p.to_model(state.letterbox) for p in prompts]
+        pe = self.prompt_encoder
+        q, pos = pe.queries(encoded)
+        constraints = pe.constraints(encoded, state.memory.level_shapes)
+        out = self.omg_decoder.decode(q, pos, state.memory, constraints)
+        tokens = torch.cat([out.query, pos], dim=-1)[:, 0]
+        return self.visual_projector.object_tokens(tokens)
+
+    # -- masks ----------------------------------------------------------------------------------
+    def _decode_segs(self, seg_hidden: torch.Tensor, state: ImageState, phrases: list[str | None]) -> list[Segment]:
+        if len(seg_hidden) == 0:
+            return []
+        dtype = self.text_projector.model[0].weight.dtype
+        q, pos = self.text_projector(seg_hidden.to(dtype))
+        queries = torch.stack([q, pos], dim=1)  # (N, 2, C)
+        segments = self._masks_for_queries(queries, state)
+        for seg, phrase in zip(segments, phrases + [None] * len(segments), strict=False):
+            seg.phrase = phrase
+        return segments
+
+    def _masks_for_queries(self, queries: torch.Tensor, state: ImageState) -> list[Segment]:
+        """(N, 2, C) independent single queries → Segments at the input size."""
+        out = self.omg_decoder.decode(queries[:, None, 0], queries[:, None, 1], state.memory)
+        logits = state.letterbox.logits_to_image(out.mask_logits[-1][:, 0])
+        segments = []
+        for i in range(len(queries)):
+            segments.append(
+                Segment(None, *_mask_and_score(logits[i]), query=queries[i].detach().cpu())
+            )
+        return segments
+
+    @torch.no_grad()
+    def follow(self, image: np.ndarray, segments: Sequence[Segment]) -> list[Segment]:
+        """The same objects on a new frame: only the encoder, pixel decoder and the cached queries."""
+        tracked = [s for s in segments if s.query is not None]
+        if len(tracked) != len(segments):
+            raise ValueError("every segment to follow needs its decoder query (segments from chat/perceive)")
+        state = self.set_image(image, perception=False)
+        if not segments:
+            return []
+        queries = torch.stack([s.query for s in segments]).to(self.device)
+        found = self._masks_for_queries(queries, state)
+        for new, old in zip(found, segments, strict=True):
+            new.phrase, new.label = old.phrase, old.label
+        return found
+
+    @torch.no_grad()
+    def perceive(self, image: np.ndarray) -> list[Segment]:
+        """Panoptic segmentation by the frozen perception module alone (Mask2Former inference)."""
+        state = self.set_image(image, perception=True)
+        out = state.perception
+        cfg = self.config.decoder
+        probs = out.class_logits[0].softmax(-1)
+        scores, labels = probs.max(-1)
+        num_classes = probs.shape[-1] - 1
+        keep = (labels != num_classes) & (scores > cfg.object_mask_threshold)
+        idx = torch.nonzero(keep).flatten()
+        if len(idx) == 0:
+            return []
+        logits = state.letterbox.logits_to_image(out.mask_logits[-1][0, idx])
+        masks = logits.sigmoid()
+        weighted = scores[idx, None, None] * masks
+        winner = weighted.argmax(0)
+        names = cfg.class_names
+        pos = self.omg_decoder.query_embed.weight
+        segments: list[Segment] = []
+        stuff: dict[int, int] = {}
+        for k, q in enumerate(idx.tolist()):
+            label = int(labels[q])
+            original = masks[k] >= 0.5
+            mask = (winner == k) & original
+            area, orig_area = int(mask.sum()), int(original.sum())
+            if area == 0 or orig_area == 0 or area / orig_area < cfg.overlap_threshold:
+                continue
+            name = names[label] if label < len(names) else str(label)
+            if label >= cfg.num_thing_classes and label in stuff:
+                # Stuff classes merge into one segment per class.
+                seg = segments[stuff[label]]
+                seg.mask = seg.mask | mask.cpu().numpy()
+                continue
+            query = torch.stack([out.query[0, q], pos[q]]).detach().cpu()
+            segments.append(Segment(None, mask.cpu().numpy(), float(scores[q]), label=name, query=query))
+            if label >= cfg.num_thing_classes:
+                stuff[label] = len(segments) - 1
+        return segments
+
+    def object_confidence(self, state: ImageState) -> torch.Tensor:
+        return confidence(state.perception.class_logits)[0]
+
+
+def _mask_and_score(logits: torch.Tensor) -> tuple[np.ndarray, float]:
+    """Mask = sigmoid > 0.5; score = mean probability inside it (0 for an empty mask)."""
+    mask = logits > 0
+    score = float(logits.sigmoid()[mask].mean()) if bool(mask.any()) else 0.0
+    return mask.cpu().numpy(), score
+
+
+def _image_key(image: np.ndarray) -> str:
+    h = hashlib.blake2b(image.tobytes(), digest_size=16)
+    h.update(str(image.shape).encode())
+    return h.hexdigest()
+
+
+def _load_vision_state(model: OmgLlava, state: dict[str, Any]) -> tuple[list[str], list[str]]:
+    expected = {k for k in model.state_dict() if not k.startswith("llm.")}
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    if not missing and not unexpected:
+        model.load_state_dict(state, strict=False, assign=True)
+    return missing, unexpected
