@@ -1,0 +1,126 @@
+"""The `omg-llava-ros` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("omg_llava_ros")
+
+
+def load_image(spec: str) -> np.ndarray:
+    """An image file (PNG, JPEG, …) as RGB, or `scene:SEED[:SIZE]` for a generated tabletop scene."""
+    if spec.startswith("scene:"):
+        from omg_llava_ros.toyworld import render, sample_scene
+
+        parts = spec.split(":")
+        seed = int(parts[1])
+        size = int(parts[2]) if len(parts) > 2 else 256
+        rng = np.random.default_rng(seed)
+        return render(sample_scene(rng), size=size, rng=rng).image
+    import cv2
+
+    data = cv2.imread(spec, cv2.IMREAD_COLOR)
+    if data is None:
+        raise SystemExit(f"error: cannot read image {spec!r}")
+    return cv2.cvtColor(data, cv2.COLOR_BGR2RGB)
+
+
+def load_model(spec: str | None):
+    from omg_llava_ros import OmgLlava
+    from omg_llava_ros.model.config import PRESETS
+
+    if spec in PRESETS:
+        log.warning("using the random-weight %r config: answers and masks are meaningless", spec)
+        return OmgLlava.from_config(spec)
+    try:
+        return OmgLlava.from_pretrained(spec)
+    except FileNotFoundError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+def overlay(image: np.ndarray, masks: list[np.ndarray]) -> np.ndarray:
+    palette = np.array([[230, 25, 75], [60, 180, 75], [0, 130, 200], [245, 130, 48], [145, 30, 180], [70, 240, 240]])
+    out = image.astype(np.float32).copy()
+    for i, mask in enumerate(masks):
+        out[mask] = 0.45 * out[mask] + 0.55 * palette[i % len(palette)]
+    return out.astype(np.uint8)
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from omg_llava_ros import Prompt
+
+    image = load_image(args.image)
+    model = load_model(args.model)
+    prompts = []
+    text = args.prompt
+    if args.box is not None:
+        prompts.append(Prompt.box(*args.box))
+    if args.point is not None:
+        prompts.append(Prompt.point(*args.point))
+    if prompts and "<region>" not in text and "<mark>" not in text:
+        text = text.rstrip() + " <region>" if "?" not in text else text.replace("?", " <region>?", 1)
+    result = model.chat(image, text, prompts=prompts)
+    record = {
+        "prompt": text,
+        "text": result.text,
+        "clean_text": result.clean_text,
+        "segments": [
+            {"phrase": s.phrase, "score": round(s.score, 4), "box": s.box, "area": int(s.mask.sum())}
+            for s in result.segments
+        ],
+    }
+    if args.out:
+        import cv2
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(out / "image.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        vis = overlay(image, [s.mask for s in result.segments])
+        cv2.imwrite(str(out / "overlay.png"), cv2.cvtColor(vis, cv2.COLOR_RGB2BGR))
+        for i, s in enumerate(result.segments):
+            cv2.imwrite(str(out / f"mask_{i}.png"), s.mask.astype(np.uint8) * 255)
+        (out / "result.json").write_text(json.dumps(record, indent=2))
+        record["out"] = str(out)
+    if args.json:
+        print(json.dumps(record))
+    else:
+        print(result.text)
+        for i, s in enumerate(result.segments):
+            print(f"  segment {i}: phrase={s.phrase!r} score={s.score:.3f} box={s.box} area={int(s.mask.sum())}")
+        if args.out:
+            print(f"wrote {args.out}/overlay.png and result.json")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="omg-llava-ros", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ask = sub.add_parser("ask", help="ask about one image")
+    ask.add_argument("image", help="image file, or scene:SEED[:SIZE] for a generated tabletop scene")
+    ask.add_argument("prompt")
+    group = ask.add_mutually_exclusive_group()
+    group.add_argument("--box", nargs=4, type=float, metavar=("X0", "Y0", "X1", "Y1"))
+    group.add_argument("--point", nargs=2, type=float, metavar=("X", "Y"))
+    ask.add_argument("--model", default=None, help="model directory, or a preset name (tiny) for random weights")
+    ask.add_argument("--out", default=None, help="write overlay.png, masks and result.json here")
+    ask.add_argument("--json", action="store_true", help="print one JSON object")
+    ask.set_defaults(func=cmd_ask)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
