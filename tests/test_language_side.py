@@ -19,9 +19,7 @@ from omg_llava_ros.model.omg_llava import IMAGE_PLACEHOLDER, clean_text, phrases
 def test_template_text_single_and_multi_turn():
     one = render_conversation([Turn(first_user_text("Please segment the red circle."))])
     assert one == "<|im_start|>user\n<image>\nPlease segment the red circle.<|im_end|>\n<|im_start|>assistant\n"
-    two = render_conversation(
-        [Turn("<image>\nWhat is <region>?", "a small red circle."), Turn("What color is it?")]
-    )
+    two = render_conversation([Turn("<image>\nWhat is <region>?", "a small red circle."), Turn("What color is it?")])
     assert two == (
         "<|im_start|>user\n<image>\nWhat is <region>?<|im_end|>\n<|im_start|>assistant\n"
         "a small red circle.<|im_end|>\n"

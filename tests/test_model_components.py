@@ -158,9 +158,20 @@ def test_mask_constraint_is_exactly_the_region():
 def _small_decoder():
     torch.manual_seed(0)
     cfg = OmgDecoderConfig(
-        hidden_dim=32, num_queries=4, num_heads=4, num_layers=3, ffn_dim=64, pixel_decoder_layers=1,
-        pixel_decoder_heads=4, pixel_decoder_points=2, pixel_decoder_ffn_dim=64, num_groups=8,
-        num_classes=3, num_thing_classes=2, num_class_templates=2, clip_dim=16,
+        hidden_dim=32,
+        num_queries=4,
+        num_heads=4,
+        num_layers=3,
+        ffn_dim=64,
+        pixel_decoder_layers=1,
+        pixel_decoder_heads=4,
+        pixel_decoder_points=2,
+        pixel_decoder_ffn_dim=64,
+        num_groups=8,
+        num_classes=3,
+        num_thing_classes=2,
+        num_class_templates=2,
+        clip_dim=16,
     )
     dec = OmgDecoder(cfg, (8, 16, 24, 32)).eval()
     feats = [torch.randn(1, c, 32 // 2**i, 32 // 2**i) for i, c in enumerate((8, 16, 24, 32))]
@@ -336,8 +347,10 @@ def test_interior_point_is_the_most_interior_pixel():
     # Brute force: distance from each mask pixel to the nearest outside pixel (canvas border counts).
     padded = np.pad(mask, 1)
     oy, ox = np.nonzero(~padded)
+
     def dist(px, py):
         return np.sqrt((ox - (px + 1)) ** 2 + (oy - (py + 1)) ** 2).min()
+
     best = max(dist(px, py) for py, px in zip(*np.nonzero(mask), strict=True))
     assert mask[int(y), int(x)] and 20 <= x < 56
     assert dist(int(x), int(y)) >= best - 0.5

@@ -29,7 +29,9 @@ def image(request, rng):
 
 def test_chat_with_forced_seg_returns_masks_at_input_size(tiny_model, image):
     answer = "<p> the red circle </p> [SEG] and <p> the star </p> [SEG]."
-    res = tiny_model.chat(image, "Please segment the red circle.", logits_processor=_force(tiny_model.tokenizer, answer))
+    res = tiny_model.chat(
+        image, "Please segment the red circle.", logits_processor=_force(tiny_model.tokenizer, answer)
+    )
     assert res.text == answer
     assert res.clean_text == "the red circle and the star."
     assert [s.phrase for s in res.segments] == ["the red circle", "the star"]
@@ -182,7 +184,10 @@ def test_official_7b_builds_on_meta_with_the_released_shapes():
     assert m.llm.get_output_embeddings().weight.shape == (92548, 4096)
     cfg = m.llm.config
     assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size) == (
-        32, 32, 8, 14336
+        32,
+        32,
+        8,
+        14336,
     )
     # Encoder: ConvNeXt-L stages; decoder: exactly the 310 tensors of omg_seg_convl.pth.
     assert sd["image_encoder.stages.3.blocks.2.conv_dw.weight"].shape == (1536, 1, 7, 7)
@@ -195,6 +200,8 @@ def test_official_7b_builds_on_meta_with_the_released_shapes():
     }
     assert ours == official["omg_seg_convl"]
     assert sd["omg_decoder.class_embed"].shape == (133, 17, 768)
-    projector = {k.replace("projector.model.", "visual_projector.").replace("projector_text2vision.", "text_projector."): v
-                 for k, v in official["projectors"].items()}
+    projector = {
+        k.replace("projector.model.", "visual_projector.").replace("projector_text2vision.", "text_projector."): v
+        for k, v in official["projectors"].items()
+    }
     assert {k: list(sd[k].shape) for k in projector} == projector

@@ -85,7 +85,7 @@ class Prompt:
 
     def to_model(self, box: Letterbox) -> EncodedPrompt:
         if self.kind == "point":
-            (x, y), = box.points_to_model([self.coords])
+            ((x, y),) = box.points_to_model([self.coords])
             return EncodedPrompt("point", point=(float(x), float(y)))
         if self.kind == "box":
             corners = box.points_to_model([self.coords[:2], self.coords[2:]])
@@ -409,9 +409,7 @@ class OmgLlava(nn.Module):
         logits = state.letterbox.logits_to_image(out.mask_logits[-1][:, 0])
         segments = []
         for i in range(len(queries)):
-            segments.append(
-                Segment(None, *_mask_and_score(logits[i]), query=queries[i].detach().cpu())
-            )
+            segments.append(Segment(None, *_mask_and_score(logits[i]), query=queries[i].detach().cpu()))
         return segments
 
     @torch.no_grad()
