@@ -166,6 +166,38 @@ class ImageState:
     visual_tokens: torch.Tensor | None = None
 
 
+# -- the vision backend seam ---------------------------------------------------------------------
+class VisionBackend:
+    """The two vision calls the model makes. `encode`: (1, 3, S, S) normalised pixels → (last encoder
+    stage (1, C4, S/32, S/32), DecoderMemory). `decode`: queries (B, N, C), positions (B, N, C) over one
+    image's memory, optional constraints → DecoderOutput (`with_class`: class logits and IoU too)."""
+
+    name = "abstract"
+
+    def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, DecoderMemory]:
+        raise NotImplementedError
+
+    def decode(self, query, query_pos, memory: DecoderMemory, constraints=None, with_class: bool = False):
+        raise NotImplementedError
+
+
+class TorchVision(VisionBackend):
+    """Plain PyTorch: the model's own modules."""
+
+    name = "torch"
+
+    def __init__(self, model: OmgLlava):
+        self.model = model
+
+    def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, DecoderMemory]:
+        m = self.model
+        features = m.image_encoder(pixels.to(m.device))
+        return features[-1], m.omg_decoder.encode_memory(features)
+
+    def decode(self, query, query_pos, memory: DecoderMemory, constraints=None, with_class: bool = False):
+        return self.model.omg_decoder.decode(query, query_pos, memory, constraints, with_class)
+
+
 # -- the model ----------------------------------------------------------------------------------
 class OmgLlava(nn.Module):
     def __init__(self, config: OmgLlavaConfig, tokenizer=None, llm: nn.Module | None = None, device="cpu"):
@@ -183,6 +215,9 @@ class OmgLlava(nn.Module):
         self.preprocess = ImagePreprocessor(enc.image_size, enc.image_mean, enc.image_std)
         self.prompt_encoder = PromptEncoder(self.omg_decoder, enc.image_size, config.point_box_half_size)
         self._cache: ImageState | None = None
+        # The vision engines (encoder + pixel decoder, and the transformer decoder) sit behind one
+        # interface; omg_llava_ros.engines swaps in ONNX Runtime or TensorRT implementations.
+        self.vision: VisionBackend = TorchVision(self)
         self.eval()
         self.requires_grad_(False)
 
@@ -263,9 +298,8 @@ class OmgLlava(nn.Module):
         state = self._cache
         if state is None or state.key != key:
             pixels, box = self.preprocess(image)
-            features = self.image_encoder(pixels.to(self.device))
-            memory = self.omg_decoder.encode_memory(features)
-            state = ImageState(key, box, features[-1], memory)
+            last_stage, memory = self.vision.encode(pixels)
+            state = ImageState(key, box, last_stage, memory)
             self._cache = state
         if perception and state.perception is None:
             self._perceive_state(state)
@@ -274,7 +308,7 @@ class OmgLlava(nn.Module):
     def _perceive_state(self, state: ImageState) -> None:
         dec = self.omg_decoder
         q, pos = dec.panoptic_queries()
-        out = dec.decode(q, pos, state.memory, with_class=True)
+        out = self.vision.decode(q, pos, state.memory, with_class=True)
         ratio = self.config.pixel_shuffle_ratio
         shuffled = pixel_shuffle(state.last_stage, ratio)
         side = state.last_stage.shape[-1] // ratio
@@ -387,7 +421,7 @@ class OmgLlava(nn.Module):
         pe = self.prompt_encoder
         q, pos = pe.queries(encoded)
         constraints = pe.constraints(encoded, state.memory.level_shapes)
-        out = self.omg_decoder.decode(q, pos, state.memory, constraints)
+        out = self.vision.decode(q, pos, state.memory, constraints)
         tokens = torch.cat([out.query, pos], dim=-1)[:, 0]
         return self.visual_projector.object_tokens(tokens)
 
@@ -405,7 +439,7 @@ class OmgLlava(nn.Module):
 
     def _masks_for_queries(self, queries: torch.Tensor, state: ImageState) -> list[Segment]:
         """(N, 2, C) independent single queries → Segments at the input size."""
-        out = self.omg_decoder.decode(queries[:, None, 0], queries[:, None, 1], state.memory)
+        out = self.vision.decode(queries[:, None, 0], queries[:, None, 1], state.memory)
         logits = state.letterbox.logits_to_image(out.mask_logits[-1][:, 0])
         segments = []
         for i in range(len(queries)):
