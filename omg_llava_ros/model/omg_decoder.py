@@ -57,6 +57,7 @@ class DecoderOutput:
     query: torch.Tensor
     class_logits: torch.Tensor | None = None
     iou: torch.Tensor | None = None
+    class_logits_per_layer: list[torch.Tensor] | None = None  # training: one per mask prediction
 
 
 def mlp(dims: list[int]) -> nn.Sequential:
@@ -154,12 +155,19 @@ class OmgDecoder(nn.Module):
         memory: DecoderMemory,
         constraints: QueryConstraints | None = None,
         with_class: bool = False,
+        class_per_layer: bool = False,
     ) -> DecoderOutput:
-        """Run the masked-attention decoder for (B, N, C) queries over one image's memory (batch 1 or B)."""
+        """Run the masked-attention decoder for (B, N, C) queries over one image's memory (batch 1 or B).
+
+        `class_per_layer` (training, deep supervision) classifies after every prediction, as the
+        official head does; inference only needs the last one (`with_class`).
+        """
         post_norm = self.transformer_decoder.post_norm
         levels = len(memory.memories)
-        mask_logits = self.predict_masks(post_norm(query), memory.mask_features)
+        normed = post_norm(query)
+        mask_logits = self.predict_masks(normed, memory.mask_features)
         all_masks = [mask_logits]
+        classes = [self.classify(normed, mask_logits, memory.mask_features)] if class_per_layer else None
         blocked = attention_blocked(mask_logits, memory.level_shapes[0], constraints, 0)
         for i, layer in enumerate(self.transformer_decoder.layers):
             level = i % levels
@@ -167,12 +175,13 @@ class OmgDecoder(nn.Module):
             normed = post_norm(query)
             mask_logits = self.predict_masks(normed, memory.mask_features)
             all_masks.append(mask_logits)
+            if classes is not None:
+                classes.append(self.classify(normed, mask_logits, memory.mask_features))
             nxt = (i + 1) % levels
             blocked = attention_blocked(mask_logits, memory.level_shapes[nxt], constraints, nxt)
-        out = DecoderOutput(all_masks, query)
-        if with_class:
-            normed = post_norm(query)
-            out.class_logits = self.classify(normed, mask_logits, memory.mask_features)
+        out = DecoderOutput(all_masks, query, class_logits_per_layer=classes)
+        if with_class or class_per_layer:
+            out.class_logits = classes[-1] if classes else self.classify(normed, mask_logits, memory.mask_features)
             out.iou = self.iou_embed(normed)
         return out
 
