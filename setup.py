@@ -20,6 +20,7 @@ setup(
         "numpy",
         "pillow",
         "opencv-python-headless",
+        "scipy",
     ],
     extras_require={
         "onnx": ["onnx", "onnxscript", "onnxruntime"],

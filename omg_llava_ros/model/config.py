@@ -240,7 +240,55 @@ def tiny() -> OmgLlavaConfig:
     )
 
 
-PRESETS = {"official-7b": official_7b, "tiny": tiny}
+TOYWORLD_COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
+TOYWORLD_SHAPES = ("circle", "square", "triangle", "star", "cross")
+
+
+def embedded() -> OmgLlavaConfig:
+    """The small model trained on the tabletop world and shipped in the package.
+
+    ConvNeXt (2, 2, 6, 2) × (32, 64, 128, 256) at 256² → 16 pixel tokens of 1024 (+ 256 prior);
+    OMG decoder hidden 128, 16 queries, 6 layers; classes: the 30 colour-shape pairs (things) and
+    `table` (stuff); a 4-layer Llama-style LLM of hidden 256 trained from scratch.
+    """
+    things = tuple(f"{c} {s}" for c in TOYWORLD_COLORS for s in TOYWORLD_SHAPES)
+    return OmgLlavaConfig(
+        name="embedded",
+        image_encoder=ImageEncoderConfig(depths=(2, 2, 6, 2), dims=(32, 64, 128, 256), image_size=256),
+        decoder=OmgDecoderConfig(
+            hidden_dim=128,
+            num_queries=16,
+            num_heads=4,
+            num_layers=6,
+            ffn_dim=512,
+            pixel_decoder_layers=2,
+            pixel_decoder_heads=4,
+            pixel_decoder_points=4,
+            pixel_decoder_ffn_dim=512,
+            num_groups=16,
+            num_classes=len(things) + 1,
+            num_thing_classes=len(things),
+            num_class_templates=1,
+            clip_dim=64,
+            class_names=things + ("table",),
+            object_mask_threshold=0.5,
+            overlap_threshold=0.5,
+        ),
+        language_model=LanguageModelConfig(
+            hidden_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            intermediate_size=704,
+            vocab_size=0,  # set from the tokenizer trained with the model
+            max_position_embeddings=512,
+            rope_theta=10000.0,
+        ),
+        max_new_tokens=96,
+    )
+
+
+PRESETS = {"official-7b": official_7b, "tiny": tiny, "embedded": embedded}
 
 
 def get_config(name: str) -> OmgLlavaConfig:

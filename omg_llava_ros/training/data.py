@@ -1,0 +1,148 @@
+"""Training data generated on the fly from the tabletop world: augmented scenes with their panoptic
+ground truth, visual prompts, and conversations of every task.
+
+Augmentation aims at other renderers of the same world rather than this one: anti-aliasing on or
+off (two methods), object noise, mild blur, global brightness/contrast/colour shifts, JPEG-like
+re-encoding. Ground-truth masks never change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from omg_llava_ros.toyworld import (
+    ANTIALIAS_MODES,
+    RenderedScene,
+    Sample,
+    render,
+    sample_conversation,
+    sample_prompt,
+    sample_scene,
+)
+
+
+def augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Photometric changes a different renderer or camera could bring; geometry untouched."""
+    img = image.astype(np.float32)
+    if rng.random() < 0.3:
+        sigma = rng.uniform(0.3, 0.9)
+        img = cv2.GaussianBlur(img, (0, 0), sigma)
+    if rng.random() < 0.5:
+        gain = rng.uniform(0.92, 1.08)
+        bias = rng.uniform(-8, 8, size=3)
+        img = img * gain + bias
+    if rng.random() < 0.3:
+        img = img + rng.normal(0, rng.uniform(1, 5), img.shape)
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    if rng.random() < 0.2:
+        ok, buf = cv2.imencode(".jpg", img[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(70, 96))])
+        if ok:
+            img = cv2.imdecode(buf, cv2.IMREAD_COLOR)[:, :, ::-1].copy()
+    return img
+
+
+def random_scene(rng: np.random.Generator, size: int, augmented: bool = True) -> RenderedScene:
+    scene = sample_scene(rng)
+    mode = ANTIALIAS_MODES[int(rng.integers(len(ANTIALIAS_MODES)))] if augmented else "none"
+    rendered = render(scene, size=size, rng=rng, antialias=mode, object_noise=augmented and rng.random() < 0.3)
+    if augmented:
+        rendered.image = augment(rendered.image, rng)
+    return rendered
+
+
+def class_index(obj, class_names: tuple[str, ...]) -> int:
+    return class_names.index(f"{obj.color} {obj.shape}")
+
+
+@dataclass
+class PanopticTarget:
+    """masks: (M, H, W) bool — objects then the table; labels: (M,) class indices."""
+
+    masks: np.ndarray
+    labels: np.ndarray
+
+
+def panoptic_target(rendered: RenderedScene, class_names: tuple[str, ...]) -> PanopticTarget:
+    masks = [o.mask for o in rendered.objects]
+    labels = [class_index(o, class_names) for o in rendered.objects]
+    masks.append(rendered.panoptic == 0)
+    labels.append(class_names.index("table"))
+    return PanopticTarget(np.stack(masks), np.asarray(labels, dtype=np.int64))
+
+
+@dataclass
+class PromptTarget:
+    """A visual prompt on image `image_index` and the mask it should give."""
+
+    image_index: int
+    prompt: object  # toyworld VisualPrompt
+    mask: np.ndarray
+
+
+@dataclass
+class PerceptionBatch:
+    images: list[np.ndarray]
+    targets: list[PanopticTarget]
+    prompts: list[PromptTarget] = field(default_factory=list)
+
+
+def perception_batch(
+    rng: np.random.Generator, batch: int, size: int, class_names: tuple[str, ...], prompts_per_image: int = 2
+) -> PerceptionBatch:
+    scenes = [random_scene(rng, size) for _ in range(batch)]
+    out = PerceptionBatch([s.image for s in scenes], [panoptic_target(s, class_names) for s in scenes])
+    for i, s in enumerate(scenes):
+        for _ in range(prompts_per_image):
+            obj = s.objects[int(rng.integers(len(s.objects)))]
+            out.prompts.append(PromptTarget(i, sample_prompt(rng, obj, size), obj.mask))
+    return out
+
+
+@dataclass
+class ConversationSample:
+    image: np.ndarray
+    sample: Sample
+    rendered: RenderedScene
+
+
+# Stage-2 task mix: referring segmentation and GCG carry the mask loss and are the hardest.
+TASK_WEIGHTS = {
+    "referring_segmentation": 3.0,
+    "counting": 1.5,
+    "attribute": 1.0,
+    "existence": 1.0,
+    "caption": 1.5,
+    "grounded_caption": 2.0,
+    "region_caption": 1.5,
+    "region_color": 1.0,
+}
+
+
+def conversation_batch(
+    rng: np.random.Generator, batch: int, size: int, tasks: tuple[str, ...] | None = None
+) -> list[ConversationSample]:
+    names = tasks or tuple(TASK_WEIGHTS)
+    weights = np.asarray([TASK_WEIGHTS[t] for t in names])
+    out = []
+    for _ in range(batch):
+        rendered = random_scene(rng, size)
+        task = names[int(rng.choice(len(names), p=weights / weights.sum()))]
+        sample = sample_conversation(rng, rendered, task, ref_mode="any" if rng.random() < 0.5 else "shortest")
+        out.append(ConversationSample(rendered.image, sample, rendered))
+    return out
+
+
+def tokenizer_corpus(rng: np.random.Generator, n: int = 3000, size: int = 256) -> list[str]:
+    """Questions and answers of every task, for training the tokenizer."""
+    from omg_llava_ros.toyworld import TASKS
+
+    texts = []
+    for i in range(n):
+        rendered = render(sample_scene(rng), size=size, rng=rng)
+        s = sample_conversation(rng, rendered, TASKS[i % len(TASKS)], ref_mode="any")
+        texts.append(s.question)
+        texts.append(s.answer)
+    return texts
