@@ -98,6 +98,42 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import time
+
+    from omg_llava_ros.training.trainer import TrainConfig, train
+
+    logging.getLogger().setLevel(logging.INFO)
+    cfg = TrainConfig(
+        out_dir=args.out,
+        seed=args.seed,
+        stage0_minutes=args.stage0_minutes,
+        stage1_minutes=args.stage1_minutes,
+        stage2_minutes=args.stage2_minutes,
+        perception_prior="none" if args.no_prior else "concat",
+        stages=tuple(args.stages),
+        perception_from=args.perception_from,
+    )
+    t0 = time.monotonic()
+    model = train(cfg)
+    export = Path(args.export) if args.export else Path(args.out) / "model"
+    model.save_pretrained(export)
+    print(json.dumps({"model": str(export), "wall_minutes_this_run": round((time.monotonic() - t0) / 60, 1)}))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from omg_llava_ros.training.evaluate import evaluate
+
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model)
+    result = evaluate(model, samples=args.samples, seed=args.seed)
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omg-llava-ros", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -113,6 +149,26 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--out", default=None, help="write overlay.png, masks and result.json here")
     ask.add_argument("--json", action="store_true", help="print one JSON object")
     ask.set_defaults(func=cmd_ask)
+
+    tr = sub.add_parser("train", help="train the embedded model on the tabletop world (resumes)")
+    tr.add_argument("--out", default="runs/embedded", help="run folder (checkpoints, log, tokenizer)")
+    tr.add_argument("--export", default=None, help="where to write the trained model (default OUT/model)")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--stage0-minutes", type=float, default=42.0)
+    tr.add_argument("--stage1-minutes", type=float, default=4.0)
+    tr.add_argument("--stage2-minutes", type=float, default=40.0)
+    tr.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2])
+    tr.add_argument("--no-prior", action="store_true", help="ablation: zero the perception-prior embedding")
+    tr.add_argument("--perception-from", default=None, help="reuse a trained stage-0 checkpoint folder")
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a model on fresh tabletop scenes (JSON metrics)")
+    ev.add_argument("--model", default=None, help="model directory (default: the embedded model)")
+    ev.add_argument("--samples", type=int, default=200, help="samples per task")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--threads", type=int, default=2)
+    ev.add_argument("--json", action="store_true", help="one line of JSON")
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 

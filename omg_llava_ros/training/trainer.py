@@ -1,0 +1,454 @@
+"""Staged training of the embedded OMG-LLaVA on the tabletop world (the paper's recipe at CPU scale).
+
+Stage 0  perception: encoder + OMG decoder for panoptic segmentation (30 colour-shape classes +
+         `table`) and interactive segmentation from point, box and mask prompts; then frozen.
+Stage 1  projector pretraining (LLM frozen): caption cross-entropy + 10 · MSE query reconstruction
+         P_t(P_v(q)) ≈ q on the foreground object queries.
+Stage 2  instruction tuning of projectors + LLM (trained fully: ours starts from scratch): answer
+         cross-entropy + BCE/Dice on every `[SEG]` mask with deep supervision over the decoder
+         layers, and the same `[SEG]` queries on moved frames (follow mode).
+Each stage has a wall-clock budget, checkpoints every few minutes and resumes from its last
+checkpoint; `train()` picks up where an interrupted run stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from omg_llava_ros.model.chat_template import Turn, first_user_text
+from omg_llava_ros.model.config import OmgLlavaConfig, get_config
+from omg_llava_ros.model.language_model import add_special_tokens, train_tokenizer
+from omg_llava_ros.model.omg_decoder import DecoderMemory
+from omg_llava_ros.model.omg_llava import OmgLlava
+from omg_llava_ros.model.perception_prior import perception_prior
+from omg_llava_ros.model.pixel_shuffle import pixel_shuffle
+from omg_llava_ros.model.prompt_encoder import EncodedPrompt
+from omg_llava_ros.training import data
+from omg_llava_ros.training.losses import mask_loss, resize_masks, set_criterion
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Budgets are wall-clock minutes on the 2-core CPU; steps stop at whichever comes first."""
+
+    out_dir: str = "runs/embedded"
+    seed: int = 0
+    stage0_minutes: float = 40.0
+    stage1_minutes: float = 4.0
+    stage2_minutes: float = 40.0
+    stage0_batch: int = 8
+    stage2_batch: int = 16
+    stage0_lr: float = 3e-4
+    stage1_lr: float = 1e-3
+    stage2_lr: float = 5e-4
+    checkpoint_minutes: float = 5.0
+    perception_prior: str = "concat"
+    bf16: bool = True
+    threads: int = 2
+    stages: tuple[int, ...] = (0, 1, 2)
+    perception_from: str | None = None  # reuse a trained stage-0 checkpoint (for the ablation)
+    extra: dict = field(default_factory=dict)
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def to_encoded(prompt) -> EncodedPrompt:
+    """A toyworld VisualPrompt (image pixels) → model-input prompt; the embedded model's input is the
+    native square image, so the coordinates are the same."""
+    if prompt.kind == "point":
+        return EncodedPrompt("point", point=tuple(float(v) for v in prompt.point))
+    if prompt.kind == "box":
+        return EncodedPrompt("box", box=tuple(float(v) for v in prompt.box))
+    return EncodedPrompt("mask", mask=np.asarray(prompt.mask, bool))
+
+
+def select_memory(memory: DecoderMemory, index: torch.Tensor) -> DecoderMemory:
+    return replace(memory, mask_features=memory.mask_features[index], memories=[m[index] for m in memory.memories])
+
+
+def pixels_of(model: OmgLlava, images: list[np.ndarray]) -> torch.Tensor:
+    return torch.cat([model.preprocess(img)[0] for img in images])
+
+
+def autocast(cfg: TrainConfig):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
+
+
+def cosine_lr(step: int, total: int, base: float, warmup: int = 50) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+class Clock:
+    """Steps within a wall-clock budget; the expected step count drives the cosine schedule."""
+
+    def __init__(self, minutes: float, spent: float = 0.0):
+        self.budget = minutes * 60
+        self.start = time.monotonic() - spent
+
+    @property
+    def spent(self) -> float:
+        return time.monotonic() - self.start
+
+    def done(self) -> bool:
+        return self.spent >= self.budget
+
+    def expected_steps(self, step: int) -> int:
+        if step < 5:
+            return 10_000
+        return int(step * self.budget / max(self.spent, 1e-6))
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+def save_checkpoint(path: Path, model: OmgLlava, optimizer, stage: int, step: int, spent: float) -> None:
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, path / "model.tmp")
+    torch.save(optimizer.state_dict(), path / "optimizer.tmp")
+    (path / "model.tmp").replace(path / "model.safetensors")
+    (path / "optimizer.tmp").replace(path / "optimizer.pt")
+    (path / "progress.json").write_text(json.dumps({"stage": stage, "step": step, "spent": spent}))
+
+
+def load_progress(path: Path) -> dict | None:
+    f = path / "progress.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def load_weights(model: OmgLlava, path: Path, strict: bool = True) -> None:
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(path / "model.safetensors"), strict=strict)
+
+
+# -- model construction ----------------------------------------------------------------------------
+def build_model(cfg: TrainConfig, out: Path) -> OmgLlava:
+    """The embedded config with a tokenizer trained on the world's questions and answers."""
+    from transformers import AutoTokenizer
+
+    tok_dir = out / "tokenizer"
+    if tok_dir.is_dir():
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        rows = len(tokenizer) - 1  # `<mark>` has no embedding row
+    else:
+        corpus = data.tokenizer_corpus(np.random.default_rng(cfg.seed + 7))
+        tokenizer = train_tokenizer(corpus, vocab_size=600)
+        rows = add_special_tokens(tokenizer)
+        tokenizer.save_pretrained(tok_dir)
+    config: OmgLlavaConfig = get_config("embedded")
+    config.perception_prior = cfg.perception_prior
+    config.language_model.vocab_size = rows
+    torch.manual_seed(cfg.seed)
+    model = OmgLlava(config, tokenizer=tokenizer)
+    model._init_class_embed()
+    return model
+
+
+# -- stage 0: perception ---------------------------------------------------------------------------
+def perception_parameters(model: OmgLlava) -> list[torch.nn.Parameter]:
+    return list(model.image_encoder.parameters()) + list(model.omg_decoder.parameters())
+
+
+def stage0_step(model: OmgLlava, batch: data.PerceptionBatch, cfg: TrainConfig) -> dict[str, float]:
+    enc, dec = model.image_encoder, model.omg_decoder
+    pixels = pixels_of(model, batch.images)
+    with autocast(cfg):
+        memory = dec.encode_memory(enc(pixels))
+        q, pos = dec.panoptic_queries(len(batch.images))
+        out = dec.decode(q, pos, memory, class_per_layer=True)
+        size = tuple(memory.mask_features.shape[-2:])
+        targets = [(torch.as_tensor(t.labels), resize_masks(t.masks, size).flatten(1)) for t in batch.targets]
+        loss_set = set_criterion(out.class_logits_per_layer, out.mask_logits, targets)
+
+        prompts = [to_encoded(p.prompt) for p in batch.prompts]
+        index = torch.tensor([p.image_index for p in batch.prompts])
+        pq, ppos = model.prompt_encoder.queries(prompts)
+        constraints = model.prompt_encoder.constraints(prompts, memory.level_shapes)
+        pout = dec.decode(pq, ppos, select_memory(memory, index), constraints)
+        gt = resize_masks(np.stack([p.mask for p in batch.prompts]), size).flatten(1)
+        loss_prompt = mask_loss(pout.mask_logits, gt) / len(pout.mask_logits)
+        loss = loss_set + loss_prompt
+    loss.backward()
+    return {"loss": float(loss.detach()), "set": float(loss_set.detach()), "prompt": float(loss_prompt.detach())}
+
+
+# -- stages 1 and 2: the LLM side ------------------------------------------------------------------
+@dataclass
+class VisualBatch:
+    """Frozen perception outputs of a batch, and what the projectors need."""
+
+    memory: DecoderMemory
+    shuffled: torch.Tensor  # (B, T, 4·C4)
+    prior: object  # PerceptionPrior
+
+
+@torch.no_grad()
+def perceive_batch(model: OmgLlava, images: list[np.ndarray]) -> VisualBatch:
+    enc, dec = model.image_encoder, model.omg_decoder
+    pixels = pixels_of(model, images)
+    feats = enc(pixels)
+    memory = dec.encode_memory(feats)
+    q, pos = dec.panoptic_queries(len(images))
+    out = dec.decode(q, pos, memory, with_class=True)
+    ratio = model.config.pixel_shuffle_ratio
+    side = feats[-1].shape[-1] // ratio
+    prior = perception_prior(
+        out.class_logits,
+        out.mask_logits[-1],
+        out.query,
+        pos,
+        model.config.image_encoder.image_size,
+        (side, side),
+        model.config.prior_smooth_ratio,
+        model.config.perception_prior,
+    )
+    return VisualBatch(memory, pixel_shuffle(feats[-1], ratio), prior)
+
+
+def visual_tokens(model: OmgLlava, vb: VisualBatch, i: int) -> torch.Tensor:
+    proj = model.visual_projector
+    pixel = proj.pixel_tokens(vb.shuffled[i : i + 1], vb.prior.pixel_prior[i : i + 1])[0]
+    return proj.image_sequence(pixel, proj.object_tokens(vb.prior.object_tokens[i]))
+
+
+@torch.no_grad()
+def prompt_queries(model: OmgLlava, memory: DecoderMemory, i: int, prompts) -> torch.Tensor | None:
+    """Decoded visual-prompt queries [feature; position] (N, 2C) of image i (frozen decoder)."""
+    if not prompts:
+        return None
+    encoded = [to_encoded(p) for p in prompts]
+    pe = model.prompt_encoder
+    q, pos = pe.queries(encoded)
+    out = model.omg_decoder.decode(
+        q, pos, select_memory(memory, torch.tensor([i])), pe.constraints(encoded, memory.level_shapes)
+    )
+    return torch.cat([out.query, pos], dim=-1)[:, 0]
+
+
+@dataclass
+class Sequence_:
+    embeds: torch.Tensor  # (L, H)
+    labels: torch.Tensor  # (L,) -100 outside the answer
+    seg_positions: torch.Tensor  # positions whose input token is [SEG]
+    image_index: int
+    target_masks: list[np.ndarray]
+
+
+def build_sequence(model: OmgLlava, vb: VisualBatch, i: int, sample) -> Sequence_:
+    tok = model.tokenizer
+    prompt_ids = model.conversation_ids([Turn(first_user_text(sample.question))])
+    answer_ids = tok.encode(sample.answer, add_special_tokens=False) + [model.tokens.im_end]
+    ids = torch.tensor(prompt_ids + answer_ids)
+    pq = prompt_queries(model, vb.memory, i, sample.prompts)
+    prompt_embeds = model.visual_projector.object_tokens(pq) if pq is not None else None
+    state = SimpleNamespace(visual_tokens=visual_tokens(model, vb, i))
+    embeds = model.embed_ids(ids, state, prompt_embeds)
+    shift = embeds.shape[0] - ids.shape[0]  # the image placeholder expanded to the visual tokens
+    labels = torch.full((embeds.shape[0],), -100, dtype=torch.long)
+    start = len(prompt_ids) + shift
+    # Position p predicts token p + 1: the last prompt position predicts the first answer token.
+    labels[start - 1 : start - 1 + len(answer_ids)] = torch.tensor(answer_ids)
+    answer = torch.tensor(answer_ids)
+    seg_positions = torch.nonzero(answer == model.tokens.seg).flatten() + start
+    return Sequence_(embeds, labels, seg_positions, i, list(sample.target_masks))
+
+
+def run_llm(model: OmgLlava, seqs: list[Sequence_]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded batch → (B, L, H) final-norm hidden states and (B, L) labels."""
+    length = max(s.embeds.shape[0] for s in seqs)
+    hidden = seqs[0].embeds.shape[-1]
+    embeds = seqs[0].embeds.new_zeros(len(seqs), length, hidden)
+    labels = torch.full((len(seqs), length), -100, dtype=torch.long)
+    attn = torch.zeros(len(seqs), length, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        n = s.embeds.shape[0]
+        embeds[b, :n], labels[b, :n], attn[b, :n] = s.embeds, s.labels, 1
+    out = model.llm.base_model(inputs_embeds=embeds, attention_mask=attn)
+    return out.last_hidden_state, labels
+
+
+def seg_loss(model: OmgLlava, vb: VisualBatch, seqs: list[Sequence_], hidden: torch.Tensor, extra_frames=None):
+    """BCE + Dice over all decoder predictions for every `[SEG]` (and, for follow mode, on moved frames)."""
+    states, index, targets = [], [], []
+    for b, s in enumerate(seqs):
+        if len(s.seg_positions) != len(s.target_masks):
+            continue  # the official code also drops such samples
+        for pos, mask in zip(s.seg_positions.tolist(), s.target_masks, strict=True):
+            states.append(hidden[b, pos])
+            index.append(s.image_index)
+            targets.append(mask)
+    if not states:
+        return hidden.new_zeros(()), None
+    q, pos = model.text_projector(torch.stack(states))
+    memory = vb.memory
+    size = tuple(memory.mask_features.shape[-2:])
+    out = model.omg_decoder.decode(q[:, None], pos[:, None], select_memory(memory, torch.tensor(index)))
+    gt = resize_masks(np.stack(targets), size).flatten(1)
+    return mask_loss(out.mask_logits, gt) / len(out.mask_logits), (q, pos)
+
+
+def llm_side_parameters(model: OmgLlava, with_llm: bool) -> list[torch.nn.Parameter]:
+    params = list(model.visual_projector.parameters()) + list(model.text_projector.parameters())
+    if with_llm:
+        params += list(model.llm.parameters())
+    return params
+
+
+def stage1_step(model: OmgLlava, rng, cfg: TrainConfig) -> dict[str, float]:
+    batch = data.conversation_batch(rng, cfg.stage2_batch, 256, tasks=("caption",))
+    vb = perceive_batch(model, [c.image for c in batch])
+    with autocast(cfg):
+        seqs = [build_sequence(model, vb, i, c.sample) for i, c in enumerate(batch)]
+        hidden, labels = run_llm(model, seqs)
+        logits = model.llm.get_output_embeddings()(hidden).float()
+        ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        queries = torch.cat(vb.prior.object_tokens)
+        recon = model.text_projector.model(model.visual_projector.object_tokens(queries))
+        reg = 10 * F.mse_loss(recon.float(), queries.float())
+        loss = ce + reg
+    loss.backward()
+    return {"loss": float(loss), "ce": float(ce), "reg": float(reg)}
+
+
+def moved_copy(rng, rendered, steps: int):
+    """The same scene after `steps` frames of motion, with masks for every object."""
+    from omg_llava_ros.toyworld import render, step_scene
+
+    scene = rendered.scene
+    n = len(scene.objects)
+    velocity = rng.uniform(-4, 4, (n, 2))
+    spin = rng.uniform(-10, 10, n)
+    for _ in range(steps):
+        scene = step_scene(rng, scene, velocity, spin)
+    return render(scene, size=rendered.size, rng=rng)
+
+
+def stage2_step(model: OmgLlava, rng, cfg: TrainConfig) -> dict[str, float]:
+    batch = data.conversation_batch(rng, cfg.stage2_batch, 256)
+    vb = perceive_batch(model, [c.image for c in batch])
+    # Follow mode: referring samples also get a moved frame; their [SEG] query must find the object there.
+    follow = [
+        (i, moved_copy(rng, c.rendered, int(rng.integers(1, 10))))
+        for i, c in enumerate(batch)
+        if c.sample.task == "referring_segmentation" and rng.random() < 0.5
+    ]
+    with autocast(cfg):
+        seqs = [build_sequence(model, vb, i, c.sample) for i, c in enumerate(batch)]
+        hidden, labels = run_llm(model, seqs)
+        logits = model.llm.get_output_embeddings()(hidden).float()
+        ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        loss_seg, _ = seg_loss(model, vb, seqs, hidden)
+        loss_follow = hidden.new_zeros(())
+        if follow:
+            fb = perceive_batch(model, [m.image for _, m in follow])
+            fseqs = []
+            for j, (i, moved) in enumerate(follow):
+                obj = batch[i].sample.object_ids[0]
+                fseqs.append(replace(seqs[i], image_index=j, target_masks=[moved.objects[obj].mask]))
+            rows = torch.tensor([i for i, _ in follow])
+            loss_follow, _ = seg_loss(model, fb, fseqs, hidden[rows])
+        loss = ce + loss_seg + 0.5 * loss_follow
+    loss.backward()
+    return {"loss": float(loss), "ce": float(ce), "seg": float(loss_seg), "follow": float(loss_follow)}
+
+
+# -- the loop --------------------------------------------------------------------------------------
+def run_stage(model: OmgLlava, cfg: TrainConfig, out: Path, stage: int, start: dict | None) -> None:
+    minutes = {0: cfg.stage0_minutes, 1: cfg.stage1_minutes, 2: cfg.stage2_minutes}[stage]
+    lr = {0: cfg.stage0_lr, 1: cfg.stage1_lr, 2: cfg.stage2_lr}[stage]
+    model.requires_grad_(False)
+    params = perception_parameters(model) if stage == 0 else llm_side_parameters(model, with_llm=stage == 2)
+    for p in params:
+        p.requires_grad_(True)
+    model.train()
+    if stage > 0:
+        model.image_encoder.eval()
+        model.omg_decoder.eval()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05 if stage == 0 else 0.0)
+    step, spent = 0, 0.0
+    ckpt = out / f"stage{stage}"
+    if start and start["stage"] == stage:
+        step, spent = start["step"], start["spent"]
+        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        log.info("stage %d: resuming at step %d (%.1f min spent)", stage, step, spent / 60)
+    clock = Clock(minutes, spent)
+    rng = np.random.default_rng([cfg.seed, stage, step])
+    last_save = time.monotonic()
+    history: list[dict[str, float]] = []
+    cls_names = model.config.decoder.class_names
+    while not clock.done():
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, clock.expected_steps(step), lr)
+        if stage == 0:
+            stats = stage0_step(model, data.perception_batch(rng, cfg.stage0_batch, 256, cls_names), cfg)
+        elif stage == 1:
+            stats = stage1_step(model, rng, cfg)
+        else:
+            stats = stage2_step(model, rng, cfg)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        history.append(stats)
+        if step % 25 == 0:
+            mean = {k: round(float(np.mean([h[k] for h in history[-25:]])), 4) for k in stats}
+            log.info("stage %d step %d %.1f min %s", stage, step, clock.spent / 60, mean)
+            with (out / "log.jsonl").open("a") as f:
+                f.write(json.dumps({"stage": stage, "step": step, "minutes": clock.spent / 60, **mean}) + "\n")
+        if time.monotonic() - last_save > cfg.checkpoint_minutes * 60:
+            save_checkpoint(ckpt, model, opt, stage, step, clock.spent)
+            last_save = time.monotonic()
+    save_checkpoint(ckpt, model, opt, stage, step, clock.spent)
+    (ckpt / "DONE").write_text(json.dumps({"steps": step, "minutes": clock.spent / 60}))
+    log.info("stage %d done: %d steps in %.1f min", stage, step, clock.spent / 60)
+    model.eval()
+    model.requires_grad_(False)
+
+
+def train(cfg: TrainConfig) -> OmgLlava:
+    """Run (or resume) the stages in `cfg.stages`; returns the trained model."""
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(cfg.__dict__, indent=2, default=list))
+    model = build_model(cfg, out)
+    t0 = time.monotonic()
+    # Find the most advanced checkpoint to resume from.
+    resume = None
+    for stage in sorted(cfg.stages, reverse=True):
+        p = load_progress(out / f"stage{stage}")
+        if p is not None:
+            resume = p
+            break
+    if resume is not None:
+        load_weights(model, out / f"stage{resume['stage']}")
+    elif cfg.perception_from:
+        # Reuse a trained, frozen perception module (same architecture).
+        from safetensors.torch import load_file
+
+        state = load_file(Path(cfg.perception_from) / "model.safetensors")
+        vision = {k: v for k, v in state.items() if k.startswith(("image_encoder.", "omg_decoder."))}
+        model.load_state_dict(vision, strict=False)
+    for stage in cfg.stages:
+        if (out / f"stage{stage}" / "DONE").exists():
+            continue
+        start = resume if resume is not None and resume["stage"] == stage else None
+        run_stage(model, cfg, out, stage, start)
+        resume = None
+    log.info("training finished in %.1f min this run", (time.monotonic() - t0) / 60)
+    return model
