@@ -68,6 +68,9 @@ class OmgDecoderConfig:
     # Mask2Former panoptic inference thresholds (used by `perceive`).
     object_mask_threshold: float = 0.8
     overlap_threshold: float = 0.8
+    # finetuned_refseg/gcg: a second transformer decoder + mask MLP (`transformer_decoder_llm`,
+    # `mask_embed_llm`) decodes the [SEG] and follow queries; perception keeps the frozen one.
+    llm_decoder_copy: bool = False
 
 
 @dataclass
@@ -261,10 +264,12 @@ def embedded() -> OmgLlavaConfig:
             num_heads=4,
             num_layers=6,
             ffn_dim=512,
-            pixel_decoder_layers=2,
+            # One deformable layer with 2 points: the pixel decoder dominates the per-frame cost
+            # of follow mode on a CPU, and the toy scenes need little global context.
+            pixel_decoder_layers=1,
             pixel_decoder_heads=4,
-            pixel_decoder_points=4,
-            pixel_decoder_ffn_dim=512,
+            pixel_decoder_points=2,
+            pixel_decoder_ffn_dim=256,
             num_groups=16,
             num_classes=len(things) + 1,
             num_thing_classes=len(things),
