@@ -25,6 +25,8 @@ setup(
     extras_require={
         "onnx": ["onnx", "onnxscript", "onnxruntime"],
         "replay": ["rosbags"],
+        "convert": ["sentencepiece>=0.2.0", "protobuf>=4.21"],
+        "lora": ["peft>=0.21"],
         "test": ["pytest", "ruff"],
     },
     entry_points={"console_scripts": ["omg-llava-ros = omg_llava_ros.cli:main"]},

@@ -110,6 +110,10 @@ class OmgDecoder(nn.Module):
         self.mask_tokens = nn.Embedding(1, d)
         self.pb_embedding = nn.Embedding(2, d)
         self.pos_linear = nn.Linear(2 * d, d)
+        if config.llm_decoder_copy:
+            # finetuned_refseg/gcg's trainable copy (official names), used only for [SEG] queries.
+            self.transformer_decoder_llm = TransformerDecoder(config)
+            self.mask_embed_llm = mlp([d, d, d, d])
         # Class text embeddings (classes, synonyms, clip_dim), L2-normalised; background is added
         # as a zero vector at use. Official: from convnext_large_d_320_CocoPanopticOVDataset.pth.
         self.register_buffer(
@@ -131,9 +135,11 @@ class OmgDecoder(nn.Module):
         return DecoderMemory(mask_features, memories, positions, shapes)
 
     # -- heads ----------------------------------------------------------------------------------
-    def predict_masks(self, query: torch.Tensor, mask_features: torch.Tensor) -> torch.Tensor:
+    def predict_masks(
+        self, query: torch.Tensor, mask_features: torch.Tensor, mask_embed: nn.Module | None = None
+    ) -> torch.Tensor:
         """(B, N, C) queries (after post-norm) → (B, N, h, w) mask logits."""
-        embed = self.mask_embed(query)
+        embed = (self.mask_embed if mask_embed is None else mask_embed)(query)
         b, c, h, w = mask_features.shape
         return torch.matmul(embed, mask_features.flatten(2)).view(embed.shape[0], embed.shape[1], h, w)
 
@@ -156,24 +162,29 @@ class OmgDecoder(nn.Module):
         constraints: QueryConstraints | None = None,
         with_class: bool = False,
         class_per_layer: bool = False,
+        seg_decoder: bool = False,
     ) -> DecoderOutput:
         """Run the masked-attention decoder for (B, N, C) queries over one image's memory (batch 1 or B).
 
         `class_per_layer` (training, deep supervision) classifies after every prediction, as the
         official head does; inference only needs the last one (`with_class`).
+        `seg_decoder`: decode with the [SEG] decoder copy (layers, post-norm, mask MLP) where there is one.
         """
-        post_norm = self.transformer_decoder.post_norm
+        decoder, mask_embed = self.transformer_decoder, self.mask_embed
+        if seg_decoder and self.config.llm_decoder_copy:
+            decoder, mask_embed = self.transformer_decoder_llm, self.mask_embed_llm
+        post_norm = decoder.post_norm
         levels = len(memory.memories)
         normed = post_norm(query)
-        mask_logits = self.predict_masks(normed, memory.mask_features)
+        mask_logits = self.predict_masks(normed, memory.mask_features, mask_embed)
         all_masks = [mask_logits]
         classes = [self.classify(normed, mask_logits, memory.mask_features)] if class_per_layer else None
         blocked = attention_blocked(mask_logits, memory.level_shapes[0], constraints, 0)
-        for i, layer in enumerate(self.transformer_decoder.layers):
+        for i, layer in enumerate(decoder.layers):
             level = i % levels
             query = layer(query, query_pos, memory.memories[level], memory.positions[level], blocked)
             normed = post_norm(query)
-            mask_logits = self.predict_masks(normed, memory.mask_features)
+            mask_logits = self.predict_masks(normed, memory.mask_features, mask_embed)
             all_masks.append(mask_logits)
             if classes is not None:
                 classes.append(self.classify(normed, mask_logits, memory.mask_features))

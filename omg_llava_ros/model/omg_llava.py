@@ -170,14 +170,17 @@ class ImageState:
 class VisionBackend:
     """The two vision calls the model makes. `encode`: (1, 3, S, S) normalised pixels → (last encoder
     stage (1, C4, S/32, S/32), DecoderMemory). `decode`: queries (B, N, C), positions (B, N, C) over one
-    image's memory, optional constraints → DecoderOutput (`with_class`: class logits and IoU too)."""
+    image's memory, optional constraints → DecoderOutput (`with_class`: class logits and IoU too;
+    `seg_decoder`: the [SEG] decoder copy, asked for only when the config has `llm_decoder_copy`)."""
 
     name = "abstract"
 
     def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, DecoderMemory]:
         raise NotImplementedError
 
-    def decode(self, query, query_pos, memory: DecoderMemory, constraints=None, with_class: bool = False):
+    def decode(
+        self, query, query_pos, memory: DecoderMemory, constraints=None, with_class: bool = False, seg_decoder=False
+    ):
         raise NotImplementedError
 
 
@@ -194,8 +197,10 @@ class TorchVision(VisionBackend):
         features = m.image_encoder(pixels.to(m.device))
         return features[-1], m.omg_decoder.encode_memory(features)
 
-    def decode(self, query, query_pos, memory: DecoderMemory, constraints=None, with_class: bool = False):
-        return self.model.omg_decoder.decode(query, query_pos, memory, constraints, with_class)
+    def decode(
+        self, query, query_pos, memory: DecoderMemory, constraints=None, with_class: bool = False, seg_decoder=False
+    ):
+        return self.model.omg_decoder.decode(query, query_pos, memory, constraints, with_class, seg_decoder=seg_decoder)
 
 
 # -- the model ----------------------------------------------------------------------------------
@@ -223,9 +228,12 @@ class OmgLlava(nn.Module):
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, name: str | OmgLlavaConfig = "tiny", device="cpu", seed: int | None = 0) -> OmgLlava:
+    def from_config(
+        cls, name: str | OmgLlavaConfig = "tiny", device="cpu", seed: int | None = 0, backend: str = "torch"
+    ) -> OmgLlava:
         """A model with random weights. "official-7b" has the released shapes; on device="meta" it
-        allocates nothing (and has no tokenizer: the InternLM2 one comes with converted weights)."""
+        allocates nothing (and has no tokenizer: the InternLM2 one comes with converted weights).
+        `backend`: where the vision parts run, "torch" | "onnxruntime" | "tensorrt" | "auto"."""
         config = get_config(name) if isinstance(name, str) else name
         if seed is not None and str(device) != "meta":
             torch.manual_seed(seed)
@@ -236,6 +244,10 @@ class OmgLlava(nn.Module):
         model = cls(config, tokenizer=tokenizer, device=device)
         if str(device) != "meta":
             model._init_class_embed()
+        if backend != "torch":
+            from omg_llava_ros.engines import select_backend  # lazy: the engines are optional here
+
+            model.vision = select_backend(backend, model)
         return model
 
     def _init_class_embed(self) -> None:
@@ -243,8 +255,11 @@ class OmgLlava(nn.Module):
         self.omg_decoder.class_embed.copy_(torch.nn.functional.normalize(emb, dim=-1))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None, device="cpu", llm_dtype: torch.dtype | None = None):
-        """Load a saved model directory; no argument loads the embedded default shipped in the package."""
+    def from_pretrained(
+        cls, path: str | Path | None = None, device="cpu", llm_dtype: torch.dtype | None = None, backend: str = "torch"
+    ):
+        """Load a saved model directory; no argument loads the embedded default shipped in the package.
+        `backend`: where the vision parts run, "torch" | "onnxruntime" | "tensorrt" | "auto"."""
         from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -257,6 +272,12 @@ class OmgLlava(nn.Module):
                 )
             raise FileNotFoundError(f"{directory} is not an OMG-LLaVA model directory (no {CONFIG_FILE})")
         config = OmgLlavaConfig.load(directory / CONFIG_FILE)
+        if (directory / "llm" / "adapter_config.json").is_file():
+            import importlib.util
+
+            # transformers would silently load the base LLM without the adapter.
+            if importlib.util.find_spec("peft") is None:
+                raise ImportError(f"{directory / 'llm'} holds a LoRA adapter; install peft to load it")
         tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer", trust_remote_code=False)
         dtype = llm_dtype or (torch.float32 if str(device) == "cpu" else torch.bfloat16)
         llm = AutoModelForCausalLM.from_pretrained(
@@ -268,6 +289,10 @@ class OmgLlava(nn.Module):
         if missing or unexpected:
             raise ValueError(f"{directory / VISION_WEIGHTS}: missing keys {missing}, unexpected keys {unexpected}")
         model.eval().requires_grad_(False)
+        if backend != "torch":
+            from omg_llava_ros.engines import select_backend  # lazy: the engines are optional here
+
+            model.vision = select_backend(backend, model)
         return model
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -439,7 +464,10 @@ class OmgLlava(nn.Module):
 
     def _masks_for_queries(self, queries: torch.Tensor, state: ImageState) -> list[Segment]:
         """(N, 2, C) independent single queries → Segments at the input size."""
-        out = self.vision.decode(queries[:, None, 0], queries[:, None, 1], state.memory)
+        # [SEG] and follow queries use the decoder copy of finetuned_refseg/gcg where the model has one
+        # (the flag is passed only then, so backends without a copy keep their signature).
+        extra = {"seg_decoder": True} if self.config.decoder.llm_decoder_copy else {}
+        out = self.vision.decode(queries[:, None, 0], queries[:, None, 1], state.memory, **extra)
         logits = state.letterbox.logits_to_image(out.mask_logits[-1][:, 0])
         segments = []
         for i in range(len(queries)):
