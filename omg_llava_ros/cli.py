@@ -107,9 +107,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         out_dir=args.out,
         seed=args.seed,
-        stage0_minutes=args.stage0_minutes,
-        stage1_minutes=args.stage1_minutes,
-        stage2_minutes=args.stage2_minutes,
+        stage0_steps=args.stage0_steps,
+        stage1_steps=args.stage1_steps,
+        stage2_steps=args.stage2_steps,
         perception_prior="none" if args.no_prior else "concat",
         stages=tuple(args.stages),
         perception_from=args.perception_from,
@@ -154,9 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", default="runs/embedded", help="run folder (checkpoints, log, tokenizer)")
     tr.add_argument("--export", default=None, help="where to write the trained model (default OUT/model)")
     tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--stage0-minutes", type=float, default=42.0)
-    tr.add_argument("--stage1-minutes", type=float, default=4.0)
-    tr.add_argument("--stage2-minutes", type=float, default=40.0)
+    tr.add_argument("--stage0-steps", type=int, default=3000)
+    tr.add_argument("--stage1-steps", type=int, default=250)
+    tr.add_argument("--stage2-steps", type=int, default=2500)
     tr.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2])
     tr.add_argument("--no-prior", action="store_true", help="ablation: zero the perception-prior embedding")
     tr.add_argument("--perception-from", default=None, help="reuse a trained stage-0 checkpoint folder")
@@ -169,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--threads", type=int, default=2)
     ev.add_argument("--json", action="store_true", help="one line of JSON")
     ev.set_defaults(func=cmd_eval)
+    from omg_llava_ros.convert.cli import add_convert_parser  # the converter's own subcommand
+
+    add_convert_parser(sub)
+    from omg_llava_ros.engines.cli import add_build_engines_parser  # the engines' own subcommand
+
+    add_build_engines_parser(sub)
     return parser
 
 

@@ -1,0 +1,219 @@
+"""ONNX Runtime vision backend: the exported encoder and decoder graphs on the CPU or CUDA provider.
+
+On the CPU, tensors cross as numpy arrays (zero-copy for contiguous CPU tensors). With the CUDA
+provider and a model on the GPU, inputs and outputs are bound to torch CUDA tensors by pointer
+(I/O binding), so the per-image memories never travel through host memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from omg_llava_ros.engines.export import ExportedModel
+from omg_llava_ros.engines.spec import BackendUnavailableError, GraphSpec, memory_positions
+from omg_llava_ros.model.omg_decoder import DecoderMemory, DecoderOutput, QueryConstraints
+from omg_llava_ros.model.omg_llava import VisionBackend
+
+log = logging.getLogger(__name__)
+
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+_NUMPY_TYPES = {torch.float32: np.float32, torch.bool: np.bool_}
+
+
+def import_onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as err:
+        raise BackendUnavailableError(
+            "ONNX Runtime is not installed: `pip install onnxruntime` (CPU) or `pip install onnxruntime-gpu` (CUDA)"
+        ) from err
+    return onnxruntime
+
+
+def cuda_provider_available() -> bool:
+    try:
+        return "CUDAExecutionProvider" in import_onnxruntime().get_available_providers()
+    except BackendUnavailableError:
+        return False
+
+
+@dataclass
+class OrtOptions:
+    """Session settings. device: "cpu", "cuda" or "auto" (CUDA when ONNX Runtime and torch both see a
+    GPU); optimization: one of OPTIMIZATION_LEVELS.
+    allow_spinning=False stops idle worker threads from busy-waiting (kinder to a shared CPU)."""
+
+    device: str = "cpu"
+    intra_op_threads: int = 2
+    inter_op_threads: int = 1
+    optimization: str = "all"
+    device_id: int = 0
+    allow_spinning: bool = True
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"OrtOptions.device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if self.optimization not in OPTIMIZATION_LEVELS:
+            raise ValueError(f"OrtOptions.optimization must be one of {OPTIMIZATION_LEVELS}, got {self.optimization!r}")
+        if self.intra_op_threads < 0 or self.inter_op_threads < 0:
+            raise ValueError("thread counts must be ≥ 0 (0 lets ONNX Runtime choose)")
+
+
+class OnnxRuntimeVision(VisionBackend):
+    """`VisionBackend` over ONNX Runtime sessions of an `ExportedModel`. Returns tensors on `device`
+    (the model's device). The decoder returns only the final mask logits (`mask_logits[-1]`)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, exported: ExportedModel, options: OrtOptions | None = None, device: torch.device | str = "cpu"):
+        ort = import_onnxruntime()
+        self.options = options or OrtOptions()
+        self.spec: GraphSpec = exported.spec
+        self.device = torch.device(device)
+        opts = self.options
+        if opts.device == "auto":
+            gpu = "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+            opts = self.options = replace(opts, device="cuda" if gpu else "cpu")
+        if opts.device == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise BackendUnavailableError(
+                    "ONNX Runtime has no CUDA execution provider here (install onnxruntime-gpu, and a GPU driver)"
+                )
+            providers: list[Any] = [("CUDAExecutionProvider", {"device_id": opts.device_id}), "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = opts.intra_op_threads
+        so.inter_op_num_threads = opts.inter_op_threads
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[opts.optimization]
+        if not opts.allow_spinning:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.sessions = {
+            role: ort.InferenceSession(str(exported.path(role)), so, providers=providers) for role in exported.roles
+        }
+        self.positions = memory_positions(self.spec, self.device)
+        self._io_binding = opts.device == "cuda" and self.device.type == "cuda"
+        log.info(
+            "ONNX Runtime vision backend: %s, %d intra-op thread(s), optimisation %s",
+            self.sessions["encoder"].get_providers()[0],
+            opts.intra_op_threads,
+            opts.optimization,
+        )
+
+    # -- VisionBackend ----------------------------------------------------------------------------
+    def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, DecoderMemory]:
+        s = self.spec.image_size
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, s, s):
+            raise ValueError(f"pixels must be (images, 3, {s}, {s}) for this engine, got {tuple(pixels.shape)}")
+        shapes = self.spec.encoder_output_shapes(len(pixels))
+        outs = self._run(self.sessions["encoder"], {"pixels": pixels.float()}, shapes)
+        memory = DecoderMemory(
+            outs["mask_features"],
+            [outs[name] for name in self.spec.memory_names],
+            self.positions,
+            [tuple(s) for s in self.spec.level_shapes],
+        )
+        return outs["last_stage"], memory
+
+    def decode(
+        self,
+        query: torch.Tensor,
+        query_pos: torch.Tensor,
+        memory: DecoderMemory,
+        constraints: QueryConstraints | None = None,
+        with_class: bool = False,
+        seg_decoder: bool = False,
+    ) -> DecoderOutput:
+        feeds = decoder_feeds(self.spec, query, query_pos, memory, constraints)
+        b, n = query.shape[:2]
+        session = self.sessions[decoder_role(self.spec, seg_decoder)]
+        outs = self._run(session, feeds, self.spec.decoder_output_shapes(b, n))
+        out = DecoderOutput([outs["mask_logits"]], outs["query_out"])
+        if with_class:
+            out.class_logits, out.iou = outs["class_logits"], outs["iou"]
+        return out
+
+    # -- running ----------------------------------------------------------------------------------
+    def _run(self, session: Any, feeds: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]):
+        if self._io_binding:
+            return self._run_bound(session, feeds, shapes)
+        arrays = {k: np.ascontiguousarray(v.detach().cpu().numpy()) for k, v in feeds.items()}
+        names = list(shapes)
+        results = session.run(names, arrays)
+        return {k: torch.from_numpy(v).to(self.device) for k, v in zip(names, results, strict=True)}
+
+    def _run_bound(self, session: Any, feeds: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]):
+        binding = session.io_binding()
+        dev = self.options.device_id
+        keep = []  # the contiguous inputs must outlive the run
+        for name, t in feeds.items():
+            t = t.detach().to(self.device).contiguous()
+            keep.append(t)
+            binding.bind_input(name, "cuda", dev, _NUMPY_TYPES[t.dtype], tuple(t.shape), t.data_ptr())
+        outs = {name: torch.empty(shape, dtype=torch.float32, device=self.device) for name, shape in shapes.items()}
+        for name, t in outs.items():
+            binding.bind_output(name, "cuda", dev, np.float32, tuple(t.shape), t.data_ptr())
+        torch.cuda.current_stream(self.device).synchronize()  # ORT runs on its own stream
+        session.run_with_iobinding(binding)
+        return outs
+
+
+def decoder_role(spec: GraphSpec, seg_decoder: bool) -> str:
+    """[SEG] and follow queries use the decoder copy where the model has one (as OmgDecoder.decode)."""
+    return "seg_decoder" if seg_decoder and spec.seg_decoder else "decoder"
+
+
+def decoder_feeds(
+    spec: GraphSpec,
+    query: torch.Tensor,
+    query_pos: torch.Tensor,
+    memory: DecoderMemory,
+    constraints: QueryConstraints | None,
+) -> dict[str, torch.Tensor]:
+    """The decoder graph's inputs for one call; without constraints all-True masks, which give the
+    unconstrained attention exactly. Validates shapes with clear messages."""
+    c = spec.hidden_dim
+    if query.ndim != 3 or query.shape[-1] != c:
+        raise ValueError(f"query must be (batch, queries, {c}), got {tuple(query.shape)}")
+    if query_pos.shape != query.shape:
+        raise ValueError(f"query_pos {tuple(query_pos.shape)} must have the query's shape {tuple(query.shape)}")
+    b, n = query.shape[:2]
+    if b < 1 or n < 1:
+        raise ValueError(f"at least one query is needed, got shape {tuple(query.shape)}")
+    if memory.mask_features.shape[0] != 1:
+        raise ValueError(
+            f"the decoder engine decodes over one image's memory; got {memory.mask_features.shape[0]} images"
+        )
+    if len(memory.memories) != spec.num_levels:
+        raise ValueError(f"expected {spec.num_levels} memory levels, got {len(memory.memories)}")
+    feeds = {"mask_features": memory.mask_features.float()}
+    for name, m in zip(spec.memory_names, memory.memories, strict=True):
+        feeds[name] = m.float()
+    feeds["query"], feeds["query_pos"] = query.float(), query_pos.float()
+    dev = query.device
+    for i, (name, (h, w)) in enumerate(zip(spec.allowed_names, spec.level_shapes, strict=True)):
+        if constraints is None:
+            feeds[name] = torch.ones(1, 1, h * w, dtype=torch.bool, device=dev).expand(b, n, -1)
+        else:
+            allowed = constraints.allowed[i]
+            if allowed.ndim != 3 or allowed.shape[-1] != h * w:
+                raise ValueError(
+                    f"constraints.allowed[{i}] must be (batch, queries, {h * w}), got {tuple(allowed.shape)}"
+                )
+            feeds[name] = allowed.to(torch.bool).expand(b, n, h * w)
+    if constraints is None:
+        feeds["use_prediction"] = torch.ones(1, 1, dtype=torch.bool, device=dev).expand(b, n)
+    else:
+        feeds["use_prediction"] = constraints.use_prediction.to(torch.bool).expand(b, n)
+    return feeds
