@@ -25,6 +25,8 @@ setup(
     extras_require={
         "onnx": ["onnx", "onnxscript", "onnxruntime"],
         "replay": ["rosbags"],
+        # the node on plain Cyclone DDS (no ROS install): python -m omg_llava_ros.ros.node --transport dds
+        "dds": ["cyclonedds==11.0.1", "rosbags", "pyyaml"],
         "convert": ["sentencepiece>=0.2.0", "protobuf>=4.21"],
         "lora": ["peft>=0.21"],
         "test": ["pytest", "ruff"],

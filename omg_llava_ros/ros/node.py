@@ -1,0 +1,710 @@
+"""The OMG-LLaVA perception node: a thin shell around the pipeline, on any transport.
+
+``OmgLlavaNode`` holds the node's lifecycle (configure -> activate -> deactivate -> cleanup),
+its callbacks and its worker thread; it talks to the middleware only through a ``Transport``:
+rclpy (``rclpy_node.py``, the default on a ROS 2 system), Cyclone DDS without ROS
+(``dds_transport.py``) or in-process (tests). All perception behaviour lives in
+``omg_llava_ros.pipeline``; message layouts in ``messages.py``.
+
+Run it::
+
+    python -m omg_llava_ros.ros.node [--transport rclpy|dds] [--ros-args -p model_path:=DIR ...]
+
+Threads: transport callbacks only store what arrives (the newest image in a one-item slot,
+depth images in a small stamped buffer, camera info, commands); one worker thread takes the
+newest image, runs the pipeline and publishes. Nothing on the callback side waits for inference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gc
+import inspect
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from omg_llava_ros.pipeline.pipeline import CommandFailedError, PerceptionPipeline, PipelineError
+from omg_llava_ros.pipeline.slot import LatestFrameSlot, StampedBuffer
+from omg_llava_ros.pipeline.types import CameraIntrinsics, Frame, Result, Stamp, ns_to_stamp, stamp_to_ns
+from omg_llava_ros.ros import messages as m
+from omg_llava_ros.ros.image_conversion import ImageConversionError
+from omg_llava_ros.ros.parameters import NODE_NAME, NodeParameters, QosSpec, load_parameter_file
+from omg_llava_ros.ros.transport import SegmentGoal, SegmentOutcome, Transport
+
+# Topic names (private: ~/x resolves to /<namespace>/<node name>/x; remap them at launch).
+IMAGE_TOPIC = "~/image"
+COMPRESSED_TOPIC = "~/image/compressed"
+DEPTH_TOPIC = "~/depth"
+CAMERA_INFO_TOPIC = "~/camera_info"
+COMMAND_TOPIC = "~/command"
+SEGMENT_ACTION = "~/segment"
+OUTPUTS: dict[str, str] = {
+    "result": m.GROUNDED_SEGMENTATION,
+    "masks": m.IMAGE,
+    "detections": m.DETECTION2D_ARRAY,
+    "overlay": m.IMAGE,
+    "target_points": m.POINT_CLOUD2,
+    "target_pose": m.POSE_STAMPED,
+}
+
+_THROTTLE_S = 5.0
+
+
+class ConfigurationError(RuntimeError):
+    """The node cannot be configured (model, backend, parameters); the text says what to change."""
+
+
+@dataclass
+class ErrorRecord:
+    """One bad input or failed step, as the replay metrics list them."""
+
+    stamp: Stamp | None
+    topic: str
+    reason: str
+
+
+@dataclass
+class NodeStats:
+    images: int = 0
+    frames_handled: int = 0  # frames the worker finished with (published, skipped or failed)
+    results: int = 0
+    commands: int = 0
+    errors: int = 0
+    latencies_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=500))
+
+
+@dataclass
+class _ImageItem:
+    msg: Any
+    compressed: bool
+    stamp: Stamp
+    received_at: float
+
+
+class _Waiter:
+    """An action goal without image, waiting for the worker to answer its command."""
+
+    def __init__(self, command_id: int) -> None:
+        self.command_id = command_id
+        self.event = threading.Event()
+        self.outcome: SegmentOutcome | None = None
+
+    def finish(self, outcome: SegmentOutcome) -> None:
+        if not self.event.is_set():
+            self.outcome = outcome
+            self.event.set()
+
+
+ModelLoader = Callable[[NodeParameters, logging.Logger], Any]
+
+
+class OmgLlavaNode:
+    """Lifecycle, callbacks and worker of the node; see the module docstring."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        params: NodeParameters | None = None,
+        model_loader: ModelLoader | None = None,
+        logits_processor: Callable[..., Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.transport = transport
+        self.params = params or NodeParameters()
+        self.log = transport.logger
+        self.model_loader = model_loader or load_model
+        self.logits_processor = logits_processor
+        self.clock = clock
+        self.state = "unconfigured"
+        self.model: Any = None
+        self.pipeline: PerceptionPipeline | None = None
+        self.stats = NodeStats()
+        self.errors: collections.deque[ErrorRecord] = collections.deque(maxlen=1000)
+        self.slot: LatestFrameSlot[_ImageItem] = LatestFrameSlot()
+        self.depth: StampedBuffer[Any] = StampedBuffer(self.params.depth_buffer_size)
+        self._camera_info: CameraIntrinsics | None = None
+        self._latest_image_stamp: Stamp | None = None
+        self._handles: list[Any] = []
+        self._publishers: dict[str, Any] = {}
+        self._worker: threading.Thread | None = None
+        self._running = threading.Event()
+        self._publish_lock = threading.Lock()
+        self._waiters: dict[int, _Waiter] = {}
+        self._waiters_lock = threading.RLock()  # _on_segment_goal holds it around _set_command
+        self._throttle: dict[str, tuple[float, int]] = {}
+        self._last_stats = clock()
+        transport.on_error = self._on_transport_error
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def configure(self) -> None:
+        """Load the model (and engines: never built unless build_engines is set)."""
+        if self.state != "unconfigured":
+            raise RuntimeError(f"configure needs state unconfigured, not {self.state}")
+        p = self.params
+        self.log.info("parameters: %s", ", ".join(f"{k}={v!r}" for k, v in p.to_dict().items()))
+        started = time.monotonic()
+        try:
+            self.model = self.model_loader(p, self.log)
+        except ConfigurationError:
+            raise
+        except Exception as exc:
+            raise ConfigurationError(f"loading the model failed: {type(exc).__name__}: {exc}") from exc
+        self.pipeline = PerceptionPipeline(self.model, p.pipeline_config(), self.logits_processor, self.clock)
+        vision = getattr(getattr(self.model, "vision", None), "name", "unknown")
+        self.log.info("model ready in %.1f s (vision backend: %s)", time.monotonic() - started, vision)
+        self.state = "inactive"
+
+    def activate(self) -> None:
+        """Create publishers, subscriptions and the action server; start the worker."""
+        if self.state != "inactive":
+            raise RuntimeError(f"activate needs state inactive, not {self.state}")
+        p, t = self.params, self.transport
+        image_qos, command_qos, result_qos = p.image_qos(), p.command_qos(), p.result_qos()
+        for name, msgtype in OUTPUTS.items():
+            if name in ("target_points", "target_pose") and not p.use_depth:
+                continue
+            if name == "overlay" and not p.publish_overlay:
+                continue
+            self._publishers[name] = pub = t.create_publisher(f"~/{name}", msgtype, result_qos)
+            self._handles.append(pub)
+            self.log.info("publishing %s [%s] QoS %s", pub.topic, msgtype, result_qos.describe())
+        if p.input_compressed:
+            self._subscribe(COMPRESSED_TOPIC, m.COMPRESSED_IMAGE, image_qos, self._on_compressed)
+        else:
+            self._subscribe(IMAGE_TOPIC, m.IMAGE, image_qos, self._on_image)
+        if p.use_depth:
+            self._subscribe(DEPTH_TOPIC, m.IMAGE, image_qos, self._on_depth)
+            self._subscribe(CAMERA_INFO_TOPIC, m.CAMERA_INFO, image_qos, self._on_camera_info)
+        self._subscribe(COMMAND_TOPIC, m.STRING, command_qos, self._on_command)
+        action = t.create_action_server(SEGMENT_ACTION, self._on_segment_goal)
+        if action is None:
+            self.log.warning(
+                "transport %s has no actions: %s not served (use %s)",
+                t.name,
+                t.resolve(SEGMENT_ACTION),
+                t.resolve(COMMAND_TOPIC),
+            )
+        else:
+            self._handles.append(action)
+            self.log.info("serving action %s", t.resolve(SEGMENT_ACTION))
+        self.slot.reopen()
+        self._running.set()
+        self._worker = threading.Thread(target=self._work, name="omg-llava-worker", daemon=True)
+        self._worker.start()
+        self.state = "active"
+
+    def deactivate(self) -> None:
+        """Stop the worker and release publishers, subscriptions and the action server."""
+        if self.state != "active":
+            raise RuntimeError(f"deactivate needs state active, not {self.state}")
+        self._running.clear()
+        self.slot.close()
+        if self._worker is not None:
+            self._worker.join(timeout=30.0)
+        self._worker = None
+        with self._publish_lock:  # an action goal may be publishing right now
+            self._publishers.clear()
+        for handle in reversed(self._handles):
+            self.transport.destroy(handle)
+        self._handles.clear()
+        self.slot.clear()
+        self.depth.clear()
+        self._fail_waiters(None, "the node was deactivated")
+        self.state = "inactive"
+
+    def cleanup(self) -> None:
+        """Release the model (and its GPU memory)."""
+        if self.state == "active":
+            self.deactivate()
+        self.pipeline = None
+        self.model = None
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:  # pragma: no cover - torch is a dependency
+            pass
+        self.state = "unconfigured"
+
+    def shutdown(self) -> None:
+        if self.state == "active":
+            self.deactivate()
+        if self.state == "inactive":
+            self.cleanup()
+        self.state = "finalized"
+
+    def _subscribe(self, topic: str, msgtype: str, qos: QosSpec, callback: Callable[[Any], None]) -> None:
+        resolved = self.transport.resolve(topic)
+
+        def incompatible(reason: str) -> None:
+            self._report(None, resolved, f"QoS mismatch, no messages will arrive: {reason}", level=logging.ERROR)
+
+        handle = self.transport.create_subscription(topic, msgtype, qos, callback, incompatible)
+        self._handles.append(handle)
+        self.log.info("subscribed %s [%s] QoS %s", resolved, msgtype, qos.describe())
+
+    # -- callbacks (transport threads: store and return) -------------------------------------
+    def _on_image(self, msg: Any, compressed: bool = False) -> None:
+        received = self.clock()
+        topic = COMPRESSED_TOPIC if compressed else IMAGE_TOPIC
+        try:
+            stamp = m.header_stamp(msg)
+        except m.MessageError as exc:
+            self._report(None, topic, str(exc))
+            return
+        self.stats.images += 1
+        self._latest_image_stamp = stamp
+        self.slot.put(_ImageItem(msg, compressed, stamp, received))
+
+    def _on_compressed(self, msg: Any) -> None:
+        self._on_image(msg, compressed=True)
+
+    def _on_depth(self, msg: Any) -> None:
+        try:
+            self.depth.add(m.header_stamp(msg), msg)
+        except m.MessageError as exc:
+            self._report(None, DEPTH_TOPIC, str(exc))
+
+    def _on_camera_info(self, msg: Any) -> None:
+        try:
+            self._camera_info = m.intrinsics_from_camera_info(msg)
+        except m.MessageError as exc:
+            self._report(None, CAMERA_INFO_TOPIC, str(exc))
+
+    def _on_command(self, msg: Any) -> None:
+        try:
+            text = m.command_text(msg)
+        except m.MessageError as exc:
+            self._report(None, COMMAND_TOPIC, str(exc))
+            return
+        self._set_command(text, "topic")
+
+    def _on_transport_error(self, topic: str, reason: str) -> None:
+        self._report(None, topic, reason)
+
+    def _command_stamp(self) -> Stamp | None:
+        source = self.params.command_stamp_source
+        if source == "clock":
+            return self.transport.now()
+        if source == "latest_frame" and self._latest_image_stamp is not None:
+            # Strictly after the newest frame already received: that one predates the command.
+            return ns_to_stamp(stamp_to_ns(self._latest_image_stamp) + 1)
+        return None
+
+    def _set_command(self, text: str, source: str) -> int | None:
+        pipeline = self.pipeline
+        if pipeline is None or self.state != "active":
+            self._report(None, COMMAND_TOPIC, f"command ignored: node is {self.state}")
+            return None
+        with self._waiters_lock:
+            command_id = pipeline.set_command(text, self._command_stamp(), self.clock())
+            self.stats.commands += 1
+            self._fail_waiters_locked(command_id, f"superseded by command {command_id}")
+        command = pipeline.command
+        shown = command.text if command is not None else ""
+        shown = shown if len(shown) <= 120 else shown[:117] + "..."
+        if command is not None and command.is_stop:
+            self.log.info("command %d (%s): stop follow mode", command_id, source)
+        else:
+            self.log.info("command %d (%s): %r", command_id, source, shown)
+        return command_id
+
+    # -- worker ------------------------------------------------------------------------------
+    def _work(self) -> None:
+        while self._running.is_set():
+            item = self.slot.take(timeout=0.2)
+            self._maybe_log_stats()
+            if item is None:
+                continue
+            try:
+                self._handle(item)
+            except Exception as exc:  # the worker must survive anything a frame can do
+                self._report(item.stamp, IMAGE_TOPIC, f"unexpected error: {type(exc).__name__}: {exc}")
+                self.log.debug("worker error", exc_info=True)
+            finally:
+                self.stats.frames_handled += 1
+
+    def _handle(self, item: _ImageItem) -> None:
+        topic = COMPRESSED_TOPIC if item.compressed else IMAGE_TOPIC
+        try:
+            frame = self._make_frame(item.msg, item.compressed, item.received_at)
+        except (ImageConversionError, m.MessageError) as exc:
+            self._report(item.stamp, topic, f"malformed image skipped: {exc}")
+            return
+        pipeline = self.pipeline
+        if pipeline is None:
+            return
+        try:
+            result = pipeline.process(frame)
+        except CommandFailedError as exc:
+            self._report(frame.stamp, topic, str(exc), level=logging.ERROR)
+            self._finish_waiter(exc.command_id, SegmentOutcome(False, str(exc)))
+            return
+        except (PipelineError, ValueError) as exc:
+            self._report(frame.stamp, topic, str(exc))
+            return
+        if result is not None:
+            self._publish(result)
+
+    def _make_frame(self, msg: Any, compressed: bool, received_at: float) -> Frame:
+        image = m.rgb_from_message(msg, compressed)
+        stamp = m.header_stamp(msg)
+        warnings: list[str] = []
+        depth = depth_stamp = intrinsics = None
+        if self.params.use_depth:
+            match = self.depth.closest(stamp)
+            if match is None:
+                warnings.append("no depth image received: no 3D targets")
+            else:
+                depth_stamp, depth_msg, _ = match
+                try:
+                    depth = m.depth_from_message(depth_msg)
+                except ImageConversionError as exc:
+                    warnings.append(f"depth image unusable: {exc}")
+                    depth_stamp = None
+                intrinsics = self._camera_info
+                if depth is not None and intrinsics is None:
+                    warnings.append("no camera_info received: no 3D targets")
+                    depth = None
+        return Frame(image, stamp, m.header_frame_id(msg), depth, intrinsics, depth_stamp, received_at, tuple(warnings))
+
+    def _publish(self, result: Result) -> None:
+        p = self.params
+        header = m.header_fields(result.stamp, result.frame_id)
+        with self._publish_lock:
+            pubs = dict(self._publishers)
+            if not pubs:
+                return
+            mask = m.instance_mask_fields(result.instance_ids, header, p.mask_encoding)
+            fields = m.grounded_segmentation_fields(result, instance_mask=mask)
+            pubs["result"].publish(fields)
+            pubs["masks"].publish(mask)
+            pubs["detections"].publish(m.detection_array_fields(result))
+            overlay = pubs.get("overlay")
+            if overlay is not None and overlay.has_subscribers():
+                overlay.publish(m.overlay_fields(result, p.overlay_alpha))
+            if "target_points" in pubs:
+                cloud = m.target_cloud_fields(result, p.max_cloud_points)
+                if cloud is not None:
+                    pubs["target_points"].publish(cloud)
+                pose = m.target_pose_fields(result)
+                if pose is not None:
+                    pubs["target_pose"].publish(pose)
+        self.stats.results += 1
+        self.stats.latencies_ms.append(result.latency_ms)
+        for warning in result.warnings:
+            self._report(result.stamp, "~/result", warning, record=False)
+        if not result.follow:
+            self.log.info(
+                "command %d answered on frame %d.%09d: %r (%d object(s))",
+                result.command_id,
+                result.stamp[0],
+                result.stamp[1],
+                result.clean_text,
+                len(result.objects),
+            )
+            self._finish_waiter(result.command_id, SegmentOutcome(True, "", fields))
+
+    # -- action ------------------------------------------------------------------------------
+    def _on_segment_goal(
+        self, goal: SegmentGoal, feedback: Callable[[str, float], None], cancelled: Callable[[], bool]
+    ) -> SegmentOutcome:
+        if self.state != "active" or self.pipeline is None:
+            return SegmentOutcome(False, f"node is {self.state}, not active")
+        if not isinstance(goal.command, str) or not goal.command.strip():
+            return SegmentOutcome(False, "empty command: nothing to segment (an empty ~/command stops follow mode)")
+        if goal.use_image:
+            return self._segment_goal_image(goal, feedback)
+        with self._waiters_lock:
+            command_id = self._set_command(goal.command, "action")
+            if command_id is None:
+                return SegmentOutcome(False, "the command was not accepted")
+            waiter = _Waiter(command_id)
+            self._waiters[command_id] = waiter
+        feedback("waiting_for_image", 0.0)
+        deadline = time.monotonic() + self.params.action_timeout_s
+        while not waiter.event.wait(0.05):
+            if cancelled():
+                self._drop_waiter(command_id)
+                return SegmentOutcome(False, "canceled (the command stays in force)")
+            if time.monotonic() > deadline:
+                self._drop_waiter(command_id)
+                return SegmentOutcome(
+                    False,
+                    f"no image newer than the command arrived within {self.params.action_timeout_s:.0f} s; "
+                    f"is {self.transport.resolve(IMAGE_TOPIC)} publishing with compatible QoS? "
+                    "(the command stays in force)",
+                )
+        feedback("done", 1.0)
+        assert waiter.outcome is not None
+        return waiter.outcome
+
+    def _segment_goal_image(self, goal: SegmentGoal, feedback: Callable[[str, float], None]) -> SegmentOutcome:
+        feedback("decoding_image", 0.1)
+        try:
+            frame = self._make_frame(goal.image, False, self.clock())
+        except (ImageConversionError, m.MessageError) as exc:
+            self._report(None, SEGMENT_ACTION, f"goal image unusable: {exc}")
+            return SegmentOutcome(False, f"goal image unusable: {exc}")
+        feedback("generating", 0.3)
+        pipeline = self.pipeline
+        assert pipeline is not None
+        try:
+            result = pipeline.answer(frame, goal.command)
+        except (PipelineError, ValueError) as exc:
+            self._report(frame.stamp, SEGMENT_ACTION, str(exc), level=logging.ERROR)
+            return SegmentOutcome(False, str(exc))
+        self.stats.commands += 1
+        self._fail_waiters(result.command_id, f"superseded by command {result.command_id}")
+        header = m.header_fields(result.stamp, result.frame_id)
+        fields = m.grounded_segmentation_fields(
+            result, instance_mask=m.instance_mask_fields(result.instance_ids, header, self.params.mask_encoding)
+        )
+        self._publish(result)
+        feedback("done", 1.0)
+        return SegmentOutcome(True, "", fields)
+
+    def _finish_waiter(self, command_id: int, outcome: SegmentOutcome) -> None:
+        with self._waiters_lock:
+            waiter = self._waiters.pop(command_id, None)
+        if waiter is not None:
+            waiter.finish(outcome)
+
+    def _drop_waiter(self, command_id: int) -> None:
+        with self._waiters_lock:
+            self._waiters.pop(command_id, None)
+
+    def _fail_waiters(self, newer_than: int | None, reason: str) -> None:
+        with self._waiters_lock:
+            self._fail_waiters_locked(newer_than, reason)
+
+    def _fail_waiters_locked(self, current: int | None, reason: str) -> None:
+        for command_id in list(self._waiters):
+            if current is None or command_id < current:
+                self._waiters.pop(command_id).finish(SegmentOutcome(False, reason))
+
+    # -- reporting ---------------------------------------------------------------------------
+    def _report(
+        self, stamp: Stamp | None, topic: str, reason: str, level: int = logging.WARNING, record: bool = True
+    ) -> None:
+        """Count and log a problem; identical reasons are logged at most every few seconds."""
+        if record:
+            self.stats.errors += 1
+            self.errors.append(ErrorRecord(stamp, topic, reason))
+        key = f"{topic}:{reason[:80]}"
+        now = time.monotonic()
+        last, suppressed = self._throttle.get(key, (-1e9, 0))
+        if now - last < _THROTTLE_S:
+            self._throttle[key] = (last, suppressed + 1)
+            return
+        self._throttle[key] = (now, 0)
+        more = f" (+{suppressed} similar)" if suppressed else ""
+        self.log.log(level, "%s: %s%s", topic, reason, more)
+
+    def _maybe_log_stats(self) -> None:
+        period = self.params.stats_period_s
+        now = self.clock()
+        if not period or now - self._last_stats < period:
+            return
+        self._last_stats = now
+        slot = self.slot.stats
+        lat = np.asarray(self.stats.latencies_ms, dtype=np.float64)
+        latency = f"latency p50 {np.percentile(lat, 50):.0f} ms, max {lat.max():.0f} ms" if lat.size else "no results"
+        pstats = self.pipeline.stats if self.pipeline is not None else None
+        self.log.info(
+            "images %d, skipped by the worker %d, results %d, errors %d, chat %d, follow %d; %s",
+            slot.received,
+            slot.skipped,
+            self.stats.results,
+            self.stats.errors,
+            pstats.chat_calls if pstats else 0,
+            pstats.follow_calls if pstats else 0,
+            latency,
+        )
+
+
+# -- model loading ---------------------------------------------------------------------------------
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(params: NodeParameters, log: logging.Logger | Any) -> Any:
+    """Load OmgLlava per the parameters and attach the vision backend; ConfigurationError if unusable.
+
+    The model is loaded with PyTorch vision and the backend attached here, through the engines
+    package with explicit options, rather than by ``from_pretrained(backend=...)``: the node must
+    honour build_engines and engine_cache_dir (never build silently) and fall back loudly for
+    "auto", which from_pretrained's backend argument does not offer.
+    """
+    from omg_llava_ros.model.omg_llava import OmgLlava
+
+    device = resolve_device(params.device)
+    if params.model_path.startswith("config:"):
+        name = params.model_path.split(":", 1)[1]
+        log.warning("model %r: RANDOM weights from config %r (smoke tests only)", params.model_path, name)
+        model = OmgLlava.from_config(name, device=device)
+    else:
+        kwargs: dict[str, Any] = {"device": device}
+        if "backend" in inspect.signature(OmgLlava.from_pretrained).parameters:
+            kwargs["backend"] = "torch"
+        try:
+            model = OmgLlava.from_pretrained(params.model_path or None, **kwargs)
+        except FileNotFoundError as exc:
+            raise ConfigurationError(str(exc)) from exc
+    _attach_backend(model, params, log)
+    return model
+
+
+def _attach_backend(model: Any, params: NodeParameters, log: logging.Logger | Any) -> None:
+    if params.backend == "torch":
+        return
+    try:
+        from omg_llava_ros.engines import EngineOptions, select_backend
+    except ImportError as exc:
+        if params.backend == "auto":
+            log.warning("engines unavailable (%s): PyTorch vision", exc)
+            return
+        raise ConfigurationError(f"backend {params.backend!r} needs omg_llava_ros.engines: {exc}") from exc
+    try:
+        options = EngineOptions(build_if_missing=params.build_engines, cache_dir=params.engine_cache_dir or None)
+        if params.build_engines:
+            log.warning("build_engines is set: missing or stale engines are built now (this can take minutes)")
+        model.vision = select_backend(params.backend, model, options)
+    except Exception as exc:
+        if params.backend == "auto":
+            log.warning(
+                "no vision engine usable, falling back to PyTorch vision (slower): %s. "
+                "Build engines ahead of time with `omg-llava-ros build-engines`, or set build_engines:=true",
+                exc,
+            )
+            return
+        raise ConfigurationError(f"vision backend {params.backend!r} unavailable: {exc}") from exc
+
+
+# -- entry points ----------------------------------------------------------------------------------
+@dataclass
+class RosArgs:
+    """The parts of ``--ros-args`` the DDS runner understands (rclpy parses its own)."""
+
+    namespace: str = "/"
+    node_name: str = NODE_NAME
+    remaps: dict[str, str] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    params_files: list[str] = field(default_factory=list)
+
+
+def parse_ros_args(args: Sequence[str]) -> RosArgs:
+    """Parse ``--ros-args -r a:=b -p name:=value --params-file F`` (values parsed as YAML)."""
+    import yaml
+
+    out = RosArgs()
+    items = list(args)
+    if "--ros-args" not in items:
+        return out
+    items = items[items.index("--ros-args") + 1 :]
+    i = 0
+    while i < len(items):
+        flag = items[i]
+        if flag == "--":
+            break
+        if flag in ("-r", "--remap", "-p", "--param", "--params-file") and i + 1 < len(items):
+            value = items[i + 1]
+            i += 2
+            if flag == "--params-file":
+                out.params_files.append(value)
+                continue
+            if ":=" not in value:
+                raise ValueError(f"{flag} needs NAME:=VALUE, got {value!r}")
+            key, val = value.split(":=", 1)
+            if flag in ("-p", "--param"):
+                out.params[key] = yaml.safe_load(val) if val else ""
+            elif key == "__ns":
+                out.namespace = val
+            elif key in ("__node", "__name"):
+                out.node_name = val
+            else:
+                out.remaps[key] = val
+            continue
+        i += 1
+    return out
+
+
+def dds_parameters(ros: RosArgs) -> NodeParameters:
+    values: dict[str, Any] = {}
+    for path in ros.params_files:
+        values.update(load_parameter_file(path, ros.node_name, ros.namespace))
+    values.update(ros.params)
+    values.pop("use_sim_time", None)  # accepted for launch compatibility; DDS runs on wall time
+    return NodeParameters.from_mapping(values)
+
+
+def run_dds(argv: Sequence[str], stop: threading.Event | None = None, **node_kwargs: Any) -> int:
+    """Run the node on Cyclone DDS until SIGINT/SIGTERM (or ``stop`` is set)."""
+    from omg_llava_ros.ros.dds_transport import DdsTransport
+
+    logging.basicConfig(level=logging.INFO, format="[%(levelname)s] [%(name)s]: %(message)s")
+    ros = parse_ros_args(argv)
+    params = dds_parameters(ros)
+    transport = DdsTransport(ros.namespace, ros.node_name, ros.remaps)
+    node = OmgLlavaNode(transport, params, **node_kwargs)
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+    try:
+        node.configure()
+        node.activate()
+        transport.logger.info("running on Cyclone DDS domain %d; Ctrl-C to stop", transport.domain_id)
+        stop.wait()
+    except ConfigurationError as exc:
+        transport.logger.error("configure failed: %s", exc)
+        return 1
+    finally:
+        node.shutdown()
+        transport.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="omg_llava_node", add_help=True)
+    parser.add_argument(
+        "--transport",
+        choices=("auto", "rclpy", "dds"),
+        default="auto",
+        help="auto: rclpy when importable, else Cyclone DDS",
+    )
+    own = args[1 : args.index("--ros-args")] if "--ros-args" in args else args[1:]
+    options, _ = parser.parse_known_args(own)
+    transport = options.transport
+    if transport == "auto":
+        try:
+            import rclpy  # noqa: F401
+
+            transport = "rclpy"
+        except ImportError:
+            transport = "dds"
+    if transport == "rclpy":
+        from omg_llava_ros.ros.rclpy_node import run_rclpy
+
+        return run_rclpy(args)
+    return run_dds(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,328 @@
+"""The rclpy side: a LifecycleNode and the Transport that maps the node's I/O onto rclpy.
+
+Deliberately small: the behaviour is in ``node.OmgLlavaNode`` (tested over DDS and in-process);
+this file only translates. rclpy cannot be installed on the development machines, so this file
+is checked by review against the rclpy Humble/Jazzy API, not by tests.
+
+Lifecycle: configure loads the model (engines are never built unless ``build_engines`` is set),
+activate creates publishers, subscriptions and the action server and starts the worker,
+deactivate releases them, cleanup frees the model. With ``autostart`` (default) the node
+configures and activates itself, so ``ros2 run``/``ros2 launch`` need no lifecycle manager.
+"""
+
+from __future__ import annotations
+
+import array
+import importlib
+import logging
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import rclpy
+from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.action import ActionServer, CancelResponse, GoalResponse
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_policy_name_from_kind
+
+from omg_llava_ros.pipeline.types import Stamp
+from omg_llava_ros.ros.node import ConfigurationError, OmgLlavaNode
+from omg_llava_ros.ros.parameters import NODE_NAME, NodeParameters, QosSpec
+from omg_llava_ros.ros.transport import (
+    IncompatibleQosCallback,
+    MessageCallback,
+    SegmentGoal,
+    SegmentHandler,
+    Transport,
+)
+
+try:  # Iron and later
+    from rclpy.event_handler import SubscriptionEventCallbacks
+except ImportError:  # Humble
+    from rclpy.qos_event import SubscriptionEventCallbacks
+
+
+def message_class(msgtype: str) -> Any:
+    """'pkg/msg/Name' (or 'pkg/action/Name') -> the generated Python class."""
+    pkg, kind, name = msgtype.split("/")
+    return getattr(importlib.import_module(f"{pkg}.{kind}"), name)
+
+
+def _element_class(type_string: str) -> Any:
+    """rclpy's field type string of a message array -> the element class.
+
+    Forms: 'sequence<vision_msgs/Detection2D>', 'sequence<pkg/T, 5>', 'pkg/T[3]'.
+    """
+    inner = type_string
+    if inner.startswith("sequence<"):
+        inner = inner[len("sequence<") : -1].split(",")[0].strip()
+    pkg, name = inner.split("[")[0].split("/")
+    return message_class(f"{pkg}/msg/{name}")
+
+
+def fill_message(msg: Any, fields: Mapping[str, Any]) -> Any:
+    """Copy a field dict (messages.py) onto an rclpy message, recursively; returns msg.
+
+    uint8 sequences become array.array('B'): rclpy's setter takes those in one step, while any
+    other sequence is checked element by element in Python (slow for images).
+    """
+    types = msg.get_fields_and_field_types()
+    for name, value in fields.items():
+        if name not in types:
+            raise ValueError(f"{type(msg).__name__} has no field {name!r}")
+        if isinstance(value, Mapping):
+            fill_message(getattr(msg, name), value)
+        elif isinstance(value, list) and value and isinstance(value[0], Mapping):
+            cls = _element_class(types[name])
+            setattr(msg, name, [fill_message(cls(), item) for item in value])
+        elif isinstance(value, np.ndarray):
+            if value.dtype == np.uint8 and types[name].startswith("sequence<uint8"):
+                setattr(msg, name, array.array("B", value.tobytes()))
+            else:
+                setattr(msg, name, value.tolist())
+        else:
+            setattr(msg, name, value)
+    return msg
+
+
+def qos_profile(qos: QosSpec) -> QoSProfile:
+    return QoSProfile(
+        history=HistoryPolicy.KEEP_LAST,
+        depth=qos.depth,
+        reliability=ReliabilityPolicy.RELIABLE if qos.reliability == "reliable" else ReliabilityPolicy.BEST_EFFORT,
+        durability=(
+            DurabilityPolicy.TRANSIENT_LOCAL if qos.durability == "transient_local" else DurabilityPolicy.VOLATILE
+        ),
+    )
+
+
+class RosLogger:
+    """logging-style calls (``info(fmt, *args)``, ``log(level, ...)``) on an rclpy logger,
+    which takes one preformatted string."""
+
+    def __init__(self, logger: Any) -> None:
+        self._logger = logger
+
+    @staticmethod
+    def _text(msg: str, args: tuple[Any, ...]) -> str:
+        return msg % args if args else msg
+
+    def debug(self, msg: str, *args: Any, **_: Any) -> None:
+        self._logger.debug(self._text(msg, args))
+
+    def info(self, msg: str, *args: Any, **_: Any) -> None:
+        self._logger.info(self._text(msg, args))
+
+    def warning(self, msg: str, *args: Any, **_: Any) -> None:
+        self._logger.warning(self._text(msg, args))
+
+    def error(self, msg: str, *args: Any, **_: Any) -> None:
+        self._logger.error(self._text(msg, args))
+
+    def exception(self, msg: str, *args: Any, **_: Any) -> None:
+        self._logger.error(self._text(msg, args) + "\n" + traceback.format_exc())
+
+    def log(self, level: int, msg: str, *args: Any, **_: Any) -> None:
+        if level >= logging.ERROR:
+            self.error(msg, *args)
+        elif level >= logging.WARNING:
+            self.warning(msg, *args)
+        elif level >= logging.INFO:
+            self.info(msg, *args)
+        else:
+            self.debug(msg, *args)
+
+
+class _RclpyPublisher:
+    def __init__(self, publisher: Any, cls: Any) -> None:
+        self.publisher, self.cls = publisher, cls
+        self.topic = publisher.topic_name
+
+    def publish(self, fields: dict[str, Any]) -> None:
+        self.publisher.publish(fill_message(self.cls(), fields))
+
+    def has_subscribers(self) -> bool:
+        return self.publisher.get_subscription_count() > 0
+
+
+class RclpyTransport(Transport):
+    name = "rclpy"
+
+    def __init__(self, node: Any) -> None:
+        self.node = node
+        self.logger = RosLogger(node.get_logger())
+        # Subscription callbacks are quick (they only store); the action waits for the worker,
+        # so it gets its own reentrant group and never blocks the subscriptions.
+        self._subscriptions_group = MutuallyExclusiveCallbackGroup()
+        self._action_group = ReentrantCallbackGroup()
+
+    def resolve(self, topic: str) -> str:
+        return self.node.resolve_topic_name(topic)
+
+    def create_publisher(self, topic: str, msgtype: str, qos: QosSpec) -> _RclpyPublisher:
+        cls = message_class(msgtype)
+        return _RclpyPublisher(self.node.create_publisher(cls, topic, qos_profile(qos)), cls)
+
+    def create_subscription(
+        self,
+        topic: str,
+        msgtype: str,
+        qos: QosSpec,
+        callback: MessageCallback,
+        on_incompatible_qos: IncompatibleQosCallback | None = None,
+    ) -> Any:
+        events = None
+        if on_incompatible_qos is not None:
+            resolved = self.resolve(topic)
+
+            def incompatible(info: Any) -> None:
+                policy = qos_policy_name_from_kind(info.last_policy_kind)
+                on_incompatible_qos(
+                    f"a publisher on {resolved} offers an incompatible {policy} (ours: {qos.describe()}); "
+                    f"{info.total_count} time(s)"
+                )
+
+            events = SubscriptionEventCallbacks(incompatible_qos=incompatible)
+        return self.node.create_subscription(
+            message_class(msgtype),
+            topic,
+            callback,
+            qos_profile(qos),
+            callback_group=self._subscriptions_group,
+            event_callbacks=events,
+        )
+
+    def create_action_server(self, name: str, handler: SegmentHandler) -> Any:
+        segment = message_class("omg_llava_ros/action/Segment")
+
+        def execute(goal_handle: Any) -> Any:
+            request = goal_handle.request
+            goal = SegmentGoal(request.command, request.image, bool(request.use_image))
+
+            def feedback(stage: str, progress: float) -> None:
+                msg = segment.Feedback()
+                msg.stage, msg.progress = stage, float(progress)
+                goal_handle.publish_feedback(msg)
+
+            outcome = handler(goal, feedback, lambda: goal_handle.is_cancel_requested)
+            result = segment.Result()
+            result.success, result.message = outcome.success, outcome.message
+            if outcome.result is not None:
+                fill_message(result.result, outcome.result)
+            if outcome.success:
+                goal_handle.succeed()
+            elif goal_handle.is_cancel_requested:
+                goal_handle.canceled()
+            else:
+                goal_handle.abort()
+            return result
+
+        return ActionServer(
+            self.node,
+            segment,
+            name,
+            execute_callback=execute,
+            goal_callback=lambda _request: GoalResponse.ACCEPT,
+            cancel_callback=lambda _goal_handle: CancelResponse.ACCEPT,
+            callback_group=self._action_group,
+        )
+
+    def destroy(self, handle: Any) -> None:
+        if isinstance(handle, _RclpyPublisher):
+            self.node.destroy_publisher(handle.publisher)
+        elif isinstance(handle, ActionServer):
+            handle.destroy()
+        else:
+            self.node.destroy_subscription(handle)
+
+    def now(self) -> Stamp:
+        sec, nanosec = self.node.get_clock().now().seconds_nanoseconds()
+        return int(sec), int(nanosec)
+
+
+class OmgLlavaLifecycleNode(LifecycleNode):
+    """The ROS 2 node: parameters from NodeParameters, transitions delegated to OmgLlavaNode."""
+
+    def __init__(self, node_name: str = NODE_NAME, **kwargs: Any) -> None:
+        super().__init__(node_name, **kwargs)
+        for name, default, description in NodeParameters.specs():
+            self.declare_parameter(name, default, ParameterDescriptor(description=description))
+        self.transport = RclpyTransport(self)
+        self.core: OmgLlavaNode | None = None
+
+    def _step(self, what: str, action: Callable[[], None]) -> TransitionCallbackReturn:
+        try:
+            action()
+        except (ConfigurationError, ValueError) as exc:
+            self.get_logger().error(f"{what} failed: {exc}")
+            return TransitionCallbackReturn.FAILURE
+        except Exception as exc:
+            self.get_logger().error(f"{what} failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+            return TransitionCallbackReturn.ERROR
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        def configure() -> None:
+            params = NodeParameters.from_getter(lambda name: self.get_parameter(name).value)
+            core = OmgLlavaNode(self.transport, params)
+            core.configure()
+            self.core = core
+
+        return self._step("configure", configure)
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        ret = self._step("activate", lambda: self._core().activate())
+        return super().on_activate(state) if ret == TransitionCallbackReturn.SUCCESS else ret
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        ret = self._step("deactivate", lambda: self._core().deactivate())
+        return super().on_deactivate(state) if ret == TransitionCallbackReturn.SUCCESS else ret
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        def cleanup() -> None:
+            self._core().cleanup()
+            self.core = None
+
+        return self._step("cleanup", cleanup)
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        def shutdown() -> None:
+            if self.core is not None:
+                self.core.shutdown()
+                self.core = None
+
+        return self._step("shutdown", shutdown)
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.on_shutdown(state)
+        return TransitionCallbackReturn.SUCCESS  # back to unconfigured; configure may be retried
+
+    def _core(self) -> OmgLlavaNode:
+        if self.core is None:
+            raise RuntimeError("the node is not configured")
+        return self.core
+
+
+def run_rclpy(args: Sequence[str]) -> int:
+    """Spin the lifecycle node (self-activating unless autostart is false) until shutdown."""
+    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+
+    rclpy.init(args=list(args))
+    node = OmgLlavaLifecycleNode()
+    executor = MultiThreadedExecutor(num_threads=4)
+    executor.add_node(node)
+    try:
+        if node.get_parameter("autostart").value and node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+            node.trigger_activate()
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if node.core is not None:
+            node.core.shutdown()
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
