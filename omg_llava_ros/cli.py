@@ -125,11 +125,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from omg_llava_ros.training.evaluate import evaluate
+    from omg_llava_ros.training.evaluate import SECTIONS, evaluate
 
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
-    result = evaluate(model, samples=args.samples, seed=args.seed)
+    sections = tuple(args.only) if args.only else SECTIONS
+    result = evaluate(model, samples=args.samples, seed=args.seed, sections=sections)
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
 
@@ -154,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", default="runs/embedded", help="run folder (checkpoints, log, tokenizer)")
     tr.add_argument("--export", default=None, help="where to write the trained model (default OUT/model)")
     tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--stage0-steps", type=int, default=3000)
+    tr.add_argument("--stage0-steps", type=int, default=2400)
     tr.add_argument("--stage1-steps", type=int, default=250)
     tr.add_argument("--stage2-steps", type=int, default=2500)
     tr.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2])
@@ -167,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--samples", type=int, default=200, help="samples per task")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--threads", type=int, default=2)
+    ev.add_argument(
+        "--only", nargs="+", default=None, help="sections: referring text region grounded_caption panoptic follow"
+    )
     ev.add_argument("--json", action="store_true", help="one line of JSON")
     ev.set_defaults(func=cmd_eval)
     from omg_llava_ros.convert.cli import add_convert_parser  # the converter's own subcommand
