@@ -179,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     from omg_llava_ros.engines.cli import add_build_engines_parser  # the engines' own subcommand
 
     add_build_engines_parser(sub)
+    from omg_llava_ros.replay.cli import add_replay_parser  # replay and make-demo-bag
+
+    add_replay_parser(sub)
+    from omg_llava_ros.bench.cli import add_bench_parser  # the benchmark's own subcommand
+
+    add_bench_parser(sub)
     return parser
 
 

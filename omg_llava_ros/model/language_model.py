@@ -135,7 +135,7 @@ class Generation:
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no autograd bookkeeping on any of the per-token ops (no_grad still keeps some)
 def greedy_generate(
     llm: nn.Module,
     inputs_embeds: torch.Tensor,
@@ -166,12 +166,14 @@ def greedy_generate(
         logits = head(hidden)[0].float()
         if logits_processor is not None:
             logits = logits_processor(generated, logits)
-        token = int(torch.argmax(logits))
+        best = torch.argmax(logits)
+        token = int(best)
         if token in stop:
             stopped = True
             break
         generated.append(token)
-        step = embed(torch.tensor([[token]], device=inputs_embeds.device))
+        # The id is already a tensor on the device: no new host tensor and no copy per token.
+        step = embed(best.view(1, 1))
         out = base(inputs_embeds=step, past_key_values=cache, use_cache=True)
         hidden = out.last_hidden_state[:, -1]
         if token == seg_id:

@@ -81,11 +81,13 @@ class MultiScaleDeformableAttention(nn.Module):
             v = value[:, start : start + h * w]  # (B, hw, heads, d)
             start += h * w
             v = v.permute(0, 2, 3, 1).reshape(b * heads, head_dim, h, w)
-            grid = grids[:, :, :, level].permute(0, 2, 1, 3, 4).reshape(b * heads, n, points, 2)
+            # Points before queries, so that the query axis is the innermost (vectorised) one, and
+            # contiguous: CPU grid_sample on a strided grid is about 4× slower. Same values.
+            grid = grids[:, :, :, level].permute(0, 2, 3, 1, 4).reshape(b * heads, points, n, 2).contiguous()
             sampled = F.grid_sample(v, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-            # sampled (B·heads, d, N, P) weighted by (B·heads, 1, N, P)
-            wl = weights[:, :, :, level].permute(0, 2, 1, 3).reshape(b * heads, 1, n, points)
-            out = out + (sampled * wl).sum(-1).view(b, heads, head_dim, n)
+            # sampled (B·heads, d, P, N) weighted by (B·heads, 1, P, N)
+            wl = weights[:, :, :, level].permute(0, 2, 3, 1).reshape(b * heads, 1, points, n)
+            out = out + (sampled * wl).sum(2).view(b, heads, head_dim, n)
         out = out.reshape(b, c, n).transpose(1, 2)
         return query + self.output_proj(out)
 

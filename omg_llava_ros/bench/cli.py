@@ -1,0 +1,191 @@
+"""`omg-llava-ros bench`: the performance budget on this machine (see omg_llava_ros.bench.runner).
+
+`--config official-7b --device cuda` runs the official-size GPU benchmark instead
+(omg_llava_ros.bench.gpu_official). With `--json` the last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+BACKEND_CHOICES = ("torch", "onnxruntime", "tensorrt", "auto")
+EMBEDDED_DEFAULT = "embedded-default"
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "bench",
+        help="benchmark: per-stage latency, command → mask, follow-mode rate, ONNX Runtime vs PyTorch",
+        description="Times the perception pipeline on fresh tabletop frames: every stage, command → first "
+        "mask, the follow-mode rate and ONNX Runtime against PyTorch. --config official-7b --device cuda "
+        "runs the official-size GPU benchmark with random weights.",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"model directory, {EMBEDDED_DEFAULT} (the packaged model, the default) or a preset name (random weights)",
+    )
+    p.add_argument("--config", default=None, help="a preset with random weights: tiny, embedded, official-7b (GPU)")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="torch", help="vision backend (default: torch)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch and ONNX Runtime (default: all)")
+    p.add_argument("--repeats", type=int, default=10, help="measured commands (each with --follow-frames frames)")
+    p.add_argument("--warmup", type=int, default=2, help="discarded warm-up repeats")
+    p.add_argument("--follow-frames", type=int, default=10, help="frames followed after each command")
+    p.add_argument("--frame", default="256x256", help="camera frame size WxH (default 256x256, the tabletop camera)")
+    p.add_argument("--no-onnxruntime", action="store_true", help="skip the ONNX Runtime comparison")
+    p.add_argument("--cache-dir", default=None, help="engine cache (ONNX graphs are exported there when missing)")
+    p.add_argument("--scripted", action="store_true", help="script the [SEG] answer even for a trained model")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_bench)
+    return p
+
+
+def parse_frame(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"error: --frame must be WxH, e.g. 640x480, got {text!r}") from None
+    if width < 1 or height < 1:
+        raise SystemExit(f"error: --frame must be positive, got {text!r}")
+    return width, height
+
+
+def load_bench_model(args: argparse.Namespace) -> tuple[Any, str, str]:
+    """(model, source, weights): weights is "trained" or "random"."""
+    from omg_llava_ros import OmgLlava
+    from omg_llava_ros.model.config import PRESETS
+
+    if args.config is not None and args.model is not None:
+        raise SystemExit("error: give --model or --config, not both")
+    preset = args.config if args.config is not None else args.model if args.model in PRESETS else None
+    if preset is not None:
+        if preset not in PRESETS:
+            raise SystemExit(f"error: unknown config {preset!r}; known: {sorted(PRESETS)}")
+        return OmgLlava.from_config(preset, device=args.device), f"config:{preset}", "random"
+    spec = args.model or EMBEDDED_DEFAULT
+    path = None if spec == EMBEDDED_DEFAULT else spec
+    try:
+        return OmgLlava.from_pretrained(path, device=args.device), spec, "trained"
+    except FileNotFoundError as err:
+        if args.model is not None:
+            raise SystemExit(f"error: {err}") from None
+        # Speed does not depend on the weights' values, so the embedded shapes still give the figures.
+        log.warning("%s; benchmarking the embedded config with random weights instead", err)
+        return OmgLlava.from_config("embedded", device=args.device), "config:embedded (no trained model)", "random"
+
+
+def attach_backend(model: Any, args: argparse.Namespace, threads: int) -> None:
+    if args.backend == "torch":
+        return
+    from omg_llava_ros.engines.backend import EngineOptions, select_backend
+    from omg_llava_ros.engines.onnxruntime_backend import OrtOptions
+    from omg_llava_ros.engines.spec import EngineError
+
+    ort = OrtOptions(device=args.device, intra_op_threads=threads)
+    options = EngineOptions(cache_dir=args.cache_dir, build_if_missing=True, ort=ort)
+    try:
+        model.vision = select_backend(args.backend, model, options)
+    except (EngineError, ValueError) as err:
+        raise SystemExit(f"error: vision backend {args.backend}: {err}") from None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.config == "official-7b" or args.model == "official-7b":
+        from omg_llava_ros.bench import gpu_official
+
+        if args.device != "cuda":
+            raise SystemExit(
+                "error: the official size needs a GPU (a 7B LLM in bf16 is ~16 GB): use --device cuda; "
+                "`python -m omg_llava_ros.bench.gpu_official --device cpu --config tiny` checks the script on a CPU"
+            )
+        return gpu_official.main(gpu_official_argv(args))
+
+    import torch
+
+    from omg_llava_ros.bench.machine import usable_cores
+    from omg_llava_ros.bench.runner import BenchOptions, run_bench
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but torch sees no CUDA GPU")
+    threads = args.threads or usable_cores()
+    if threads < 1:
+        raise SystemExit("error: --threads must be ≥ 1")
+    torch.set_num_threads(threads)
+    try:
+        options = BenchOptions(
+            repeats=args.repeats,
+            warmup=args.warmup,
+            follow_frames=args.follow_frames,
+            frame=parse_frame(args.frame),
+            onnxruntime=not args.no_onnxruntime,
+            cache_dir=args.cache_dir,
+            seed=args.seed,
+        )
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    model, source, weights = load_bench_model(args)
+    options.scripted = args.scripted or weights == "random"
+    attach_backend(model, args, threads)
+
+    def progress(msg: str) -> None:
+        print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+    report = run_bench(model, options, source=source, weights=weights, progress=progress)
+    print(format_report(report))
+    if args.json:
+        print(json.dumps(report))
+    return 0
+
+
+def gpu_official_argv(args: argparse.Namespace) -> list[str]:
+    argv = ["--config", "official-7b", "--device", args.device, "--repeats", str(args.repeats)]
+    argv += ["--warmup", str(args.warmup), "--follow-frames", str(args.follow_frames)]
+    return argv + (["--json"] if args.json else [])
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """The report as a readable table (the JSON has everything)."""
+    m, mc = r["model"], r["machine"]
+    lines = [
+        f"OMG-LLaVA bench: {m['source']} ({m['weights']} weights), vision {m['backend']}, {m['device']}, "
+        f"{m['threads']} thread(s); answers: {m['answers']}",
+        f"machine: {mc['cpu']}, {mc['cores']} core(s), load {mc['load_average']}, torch {mc['torch']}, "
+        f"onnxruntime {mc['onnxruntime']}, {mc['date']}" + (f", GPU {mc['gpu']['name']}" if mc.get("gpu") else ""),
+        "",
+        f"{'stage':24s} {'command ms':>11s} {'follow ms':>10s}  what",
+    ]
+    for stage, row in r["stages"].items():
+        lines.append(f"{stage:24s} {_ms(row['command_ms']):>11s} {_ms(row['follow_ms']):>10s}  {row['note']}")
+    lines += [
+        "",
+        f"command → mask: {_ms(r['command_to_mask_ms'])} ms (median of {r['commands']}, p90 "
+        f"{_ms(r['command_to_mask_p90_ms'])}; {r['commands_with_mask']} with a mask; prompt "
+        f"{r['prompt_tokens']} tokens, {r['generated_tokens']} generated)",
+        f"follow mode: {_ms(r['follow_hz'])} Hz ({_ms(r['follow_frame_ms'])} ms per frame, median of "
+        f"{r['follow_frames']} frames)",
+    ]
+    ort = r.get("onnxruntime")
+    if ort:
+        lines.append(
+            f"ONNX Runtime vs PyTorch (encoder + decoder): {r['onnxruntime_speedup']:.2f}× "
+            f"(PyTorch {ort['torch_ms']:.2f} ms, ONNX Runtime {ort['onnxruntime_ms']:.2f} ms, {ort['provider']})"
+        )
+    goals = ", ".join(
+        f"{k} {g['goal']}: {'-' if g['met'] is None else 'met' if g['met'] else 'NOT met'}"
+        for k, g in r["goals"].items()
+    )
+    lines.append(f"goals (embedded model, 2-core CPU): {goals}")
+    lines += [f"note: {n}" for n in r["notes"]]
+    return "\n".join(lines)
