@@ -144,7 +144,15 @@ class OmgDecoder(nn.Module):
         return torch.matmul(embed, mask_features.flatten(2)).view(embed.shape[0], embed.shape[1], h, w)
 
     def classify(self, query: torch.Tensor, mask_logits: torch.Tensor, mask_features: torch.Tensor) -> torch.Tensor:
-        """Open-vocabulary class logits (B, N, K+1), background last."""
+        """Open-vocabulary class logits (B, N, K+1), background last.
+
+        Computed in float32 even under autocast: cosine similarities scaled by 100 lose the
+        differences between similar classes in bfloat16 (logit resolution ≈ 0.5).
+        """
+        with torch.autocast(device_type=query.device.type, enabled=False):
+            return self._classify(query.float(), mask_logits.float(), mask_features.float())
+
+    def _classify(self, query: torch.Tensor, mask_logits: torch.Tensor, mask_features: torch.Tensor) -> torch.Tensor:
         binary = (mask_logits > 0).to(mask_features.dtype).flatten(2)
         weights = binary / (binary.sum(-1, keepdim=True) + 1e-8)
         pooled = torch.matmul(weights, mask_features.flatten(2).transpose(1, 2))  # (B, N, C)

@@ -61,9 +61,11 @@ def set_criterion(
     class_logits: list[torch.Tensor],
     mask_logits: list[torch.Tensor],
     targets: list[tuple[torch.Tensor, torch.Tensor]],
+    class_weight: float = SET_CLASS_WEIGHT,
 ) -> torch.Tensor:
     """Deep-supervised panoptic loss. class_logits[l]: (B, Q, K+1); mask_logits[l]: (B, Q, h, w);
-    targets[b] = (labels (M,), masks (M, h·w) float)."""
+    targets[b] = (labels (M,), masks (M, h·w) float). `class_weight` scales the classification term
+    (Mask2Former: 2)."""
     total = class_logits[0].new_zeros((), dtype=torch.float32)
     num_classes = class_logits[0].shape[-1] - 1
     weight = torch.ones(num_classes + 1)
@@ -77,7 +79,7 @@ def set_criterion(
             qi, ti = hungarian_match(cls[i], flat[i], labels, gt)
             target_classes[i, qi] = labels[ti]
             mask_terms.append((flat[i, qi], gt[ti]))
-        total = total + SET_CLASS_WEIGHT * F.cross_entropy(cls.float().flatten(0, 1), target_classes.flatten(), weight)
+        total = total + class_weight * F.cross_entropy(cls.float().flatten(0, 1), target_classes.flatten(), weight)
         pred = torch.cat([p for p, _ in mask_terms])
         gt = torch.cat([g for _, g in mask_terms])
         total = total + SET_BCE_WEIGHT * bce_loss(pred, gt).mean() + SET_DICE_WEIGHT * dice_loss(pred, gt).mean()

@@ -59,6 +59,9 @@ class TrainConfig:
     stage1_lr: float = 1e-3
     stage2_lr: float = 5e-4
     checkpoint_minutes: float = 5.0
+    # Shape is the slow attribute to learn (colour comes almost at once); Mask2Former's class
+    # weight of 2 left shape near chance after 2400 steps, so the class term is weighted up.
+    class_weight: float = 6.0
     perception_prior: str = "concat"
     bf16: bool = True
     threads: int = 2
@@ -173,7 +176,7 @@ def stage0_step(model: OmgLlava, batch: data.PerceptionBatch, cfg: TrainConfig) 
         out = dec.decode(q, pos, memory, class_per_layer=True)
         size = tuple(memory.mask_features.shape[-2:])
         targets = [(torch.as_tensor(t.labels), resize_masks(t.masks, size).flatten(1)) for t in batch.targets]
-        loss_set = set_criterion(out.class_logits_per_layer, out.mask_logits, targets)
+        loss_set = set_criterion(out.class_logits_per_layer, out.mask_logits, targets, cfg.class_weight)
 
         prompts = [to_encoded(p.prompt) for p in batch.prompts]
         index = torch.tensor([p.image_index for p in batch.prompts])
