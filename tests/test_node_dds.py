@@ -105,6 +105,12 @@ class RosPeer:
         return idl_type(self.store, msgtype)
 
 
+def _gather(reader, store: list) -> list:
+    """Everything the reader has received so far, accumulated in `store`."""
+    store.extend(reader.take(N=100))
+    return store
+
+
 def wait_for(predicate, timeout: float = 30.0, step: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -248,11 +254,15 @@ def test_node_end_to_end_over_dds(dds_env, tmp_path):
         masks = masks_r.take(N=100)
         assert {(x.header.stamp.sec, x.header.stamp.nanosec) for x in masks} >= {(sec + 2, 5)}
         assert masks[-1].encoding == "mono8" and (masks[-1].height, masks[-1].width) == (H, W)
-        dets = dets_r.take(N=100)
-        assert dets[-1].header.stamp.sec == sec + 2 and [d.id for d in dets[-1].detections]
-        poses = pose_r.take(N=100)
-        assert poses and poses[-1].header.stamp.sec == sec + 2
-        assert poses[-1].pose.position.z == pytest.approx(0.9)
+        # Samples of different topics arrive independently: wait for the last frame's on each.
+        dets: list = []
+        assert wait_for(lambda: any(d.header.stamp.sec == sec + 2 for d in _gather(dets_r, dets)))
+        det = next(d for d in dets if d.header.stamp.sec == sec + 2)
+        assert [d.id for d in det.detections]
+        poses: list = []
+        assert wait_for(lambda: any(p.header.stamp.sec == sec + 2 for p in _gather(pose_r, poses)))
+        pose = next(p for p in poses if p.header.stamp.sec == sec + 2)
+        assert pose.pose.position.z == pytest.approx(0.9)
 
         # Bad input over the wire: short image data, an undecodable payload, non-UTF-8 command.
         send_frame(sec + 3, data=b"\x00" * 10)
