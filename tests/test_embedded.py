@@ -1,0 +1,88 @@
+"""The shipped embedded model: it loads from the package with no download and no pickle, and a reduced
+version of every metric of `omg-llava-ros eval` holds on fresh seeds (the full figures, on 200
+samples per task, are printed by `omg-llava-ros eval`)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from omg_llava_ros import OmgLlava
+from omg_llava_ros.model.omg_llava import EMBEDDED_DIR
+from omg_llava_ros.training.evaluate import evaluate
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return OmgLlava.from_pretrained()
+
+
+@pytest.fixture(scope="module")
+def metrics(embedded):
+    return evaluate(embedded, samples=16, seed=20261127)
+
+
+def test_shipped_files_are_small_and_pickle_free():
+    files = [p for p in Path(EMBEDDED_DIR).rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 40 * 1024 * 1024
+    assert any(p.suffix == ".safetensors" for p in files)
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
+
+
+def test_loads_with_no_argument(embedded):
+    assert embedded.config.name == "embedded"
+    assert embedded.tokenizer is not None
+
+
+# The first shipped version does not reach the issue's targets (see README: shapes are told apart
+# poorly). These bounds pin what it does reliably, well below its measured 200-sample figures
+# (referring answer text 1.00, cIoU 0.29; attribute 0.84; region colour with a mask 1.00;
+# panoptic quality 0.48), so that a broken checkpoint, loader or pipeline fails here.
+def test_referring_answers_copy_the_expression_and_ground_something(metrics):
+    assert metrics["referring"]["text_exact"] >= 0.9
+    assert metrics["referring"]["ciou"] >= 0.1
+
+
+def test_colour_answers(metrics):
+    assert metrics["exact"]["region_color_mask"] >= 0.8
+    assert metrics["exact"]["attribute"] >= 0.5
+
+
+def test_panoptic_quality(metrics):
+    assert metrics["panoptic_quality"] >= 0.3
+
+
+def test_every_metric_is_reported(metrics):
+    for task in ("counting", "attribute", "existence", "caption", "grounded_caption"):
+        assert 0.0 <= metrics["exact"][task] <= 1.0
+    for kind in ("point", "box", "mask"):
+        assert f"region_caption_{kind}" in metrics["exact"]
+    assert 0.0 <= metrics["grounded_caption_miou"] <= 1.0
+    assert 0.0 <= metrics["follow_miou"] <= 1.0
+
+
+def test_onnxruntime_gives_the_same_answers(embedded, tmp_path):
+    """Issue 4's parity on the embedded model: identical text and masks (IoU ≥ 0.99 on average)."""
+    from omg_llava_ros.engines import EngineOptions, OrtOptions, select_backend
+    from omg_llava_ros.toyworld import render, sample_conversation, sample_scene
+
+    torch_vision = embedded.vision
+    options = EngineOptions(cache_dir=tmp_path, build_if_missing=True, ort=OrtOptions(device="cpu"))
+    ort_vision = select_backend("onnxruntime", embedded, options)
+    rng = np.random.default_rng(4242)
+    ious = []
+    try:
+        for _ in range(4):
+            rendered = render(sample_scene(rng), rng=rng)
+            sample = sample_conversation(rng, rendered, "referring_segmentation")
+            answers = []
+            for vision in (torch_vision, ort_vision):
+                embedded.vision, embedded._cache = vision, None
+                answers.append(embedded.chat(rendered.image, sample.question))
+            assert answers[0].text == answers[1].text
+            for a, b in zip(answers[0].segments, answers[1].segments, strict=True):
+                union = np.logical_or(a.mask, b.mask).sum()
+                ious.append(1.0 if union == 0 else np.logical_and(a.mask, b.mask).sum() / union)
+    finally:
+        embedded.vision, embedded._cache = torch_vision, None
+    assert np.mean(ious) >= 0.99
