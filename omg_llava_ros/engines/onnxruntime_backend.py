@@ -113,18 +113,10 @@ class OnnxRuntimeVision(VisionBackend):
 
     # -- VisionBackend ----------------------------------------------------------------------------
     def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, DecoderMemory]:
-        s = self.spec.image_size
-        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, s, s):
-            raise ValueError(f"pixels must be (images, 3, {s}, {s}) for this engine, got {tuple(pixels.shape)}")
+        self.spec.check_pixels(pixels)
         shapes = self.spec.encoder_output_shapes(len(pixels))
         outs = self._run(self.sessions["encoder"], {"pixels": pixels.float()}, shapes)
-        memory = DecoderMemory(
-            outs["mask_features"],
-            [outs[name] for name in self.spec.memory_names],
-            self.positions,
-            [tuple(s) for s in self.spec.level_shapes],
-        )
-        return outs["last_stage"], memory
+        return outs["last_stage"], self.spec.memory_from(outs, self.positions)
 
     def decode(
         self,
@@ -139,10 +131,7 @@ class OnnxRuntimeVision(VisionBackend):
         b, n = query.shape[:2]
         session = self.sessions[decoder_role(self.spec, seg_decoder)]
         outs = self._run(session, feeds, self.spec.decoder_output_shapes(b, n))
-        out = DecoderOutput([outs["mask_logits"]], outs["query_out"])
-        if with_class:
-            out.class_logits, out.iou = outs["class_logits"], outs["iou"]
-        return out
+        return self.spec.output_from(outs, with_class)
 
     # -- running ----------------------------------------------------------------------------------
     def _run(self, session: Any, feeds: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]):

@@ -121,6 +121,33 @@ class GraphSpec:
             "iou": (batch, queries, 1),
         }
 
+    # -- what both runtime backends do around their engines ---------------------------------------
+    def check_pixels(self, pixels: torch.Tensor) -> None:
+        s = self.image_size
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, s, s):
+            raise ValueError(f"pixels must be (images, 3, {s}, {s}) for this engine, got {tuple(pixels.shape)}")
+
+    def memory_from(self, outs: dict[str, torch.Tensor], positions: list[torch.Tensor]):
+        """The encoder graph's outputs as the model's DecoderMemory."""
+        from omg_llava_ros.model.omg_decoder import DecoderMemory
+
+        return DecoderMemory(
+            outs["mask_features"],
+            [outs[name] for name in self.memory_names],
+            positions,
+            [tuple(s) for s in self.level_shapes],
+        )
+
+    @staticmethod
+    def output_from(outs: dict[str, torch.Tensor], with_class: bool):
+        """The decoder graph's outputs as the model's DecoderOutput (last layer only)."""
+        from omg_llava_ros.model.omg_decoder import DecoderOutput
+
+        out = DecoderOutput([outs["mask_logits"]], outs["query_out"])
+        if with_class:
+            out.class_logits, out.iou = outs["class_logits"], outs["iou"]
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -221,20 +221,12 @@ class TensorRTVision(VisionBackend):
         self.positions = memory_positions(spec, self.device)
 
     def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, DecoderMemory]:
-        s = self.spec.image_size
-        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, s, s):
-            raise ValueError(f"pixels must be (images, 3, {s}, {s}) for this engine, got {tuple(pixels.shape)}")
+        self.spec.check_pixels(pixels)
         step = self.shapes.max_images
         encoder = self.engines["encoder"]
         parts = [encoder.run({"pixels": pixels[i : i + step]}) for i in range(0, len(pixels), step)]
         outs = {k: torch.cat([p[k] for p in parts]).to(self.device) for k in parts[0]}
-        memory = DecoderMemory(
-            outs["mask_features"],
-            [outs[n] for n in self.spec.memory_names],
-            self.positions,
-            [tuple(s) for s in self.spec.level_shapes],
-        )
-        return outs["last_stage"], memory
+        return outs["last_stage"], self.spec.memory_from(outs, self.positions)
 
     def decode(
         self,
@@ -259,7 +251,4 @@ class TensorRTVision(VisionBackend):
             chunk = {k: (v[i : i + step] if k in per_item else v) for k, v in feeds.items()}
             parts.append(engine.run(chunk))
         outs = {k: torch.cat([p[k] for p in parts]).to(self.device) for k in parts[0]}
-        out = DecoderOutput([outs["mask_logits"]], outs["query_out"])
-        if with_class:
-            out.class_logits, out.iou = outs["class_logits"], outs["iou"]
-        return out
+        return self.spec.output_from(outs, with_class)
