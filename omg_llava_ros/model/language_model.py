@@ -9,7 +9,7 @@ like `<region>` — is always replaced by a visual-prompt embedding before the l
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -129,7 +129,6 @@ class Generation:
     seg_hidden: torch.Tensor
     stopped: bool
     prompt_length: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]

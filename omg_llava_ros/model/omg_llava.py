@@ -40,7 +40,7 @@ from omg_llava_ros.model.language_model import (
     train_tokenizer,
 )
 from omg_llava_ros.model.omg_decoder import DecoderMemory, DecoderOutput, OmgDecoder
-from omg_llava_ros.model.perception_prior import PerceptionPrior, confidence, perception_prior
+from omg_llava_ros.model.perception_prior import PerceptionPrior, perception_prior
 from omg_llava_ros.model.pixel_shuffle import pixel_shuffle
 from omg_llava_ros.model.preprocessing import ImagePreprocessor, Letterbox, check_image
 from omg_llava_ros.model.projectors import TextProjector, VisualProjector
@@ -528,9 +528,6 @@ class OmgLlava(nn.Module):
             if label >= cfg.num_thing_classes:
                 stuff[label] = len(segments) - 1
         return segments
-
-    def object_confidence(self, state: ImageState) -> torch.Tensor:
-        return confidence(state.perception.class_logits)[0]
 
 
 def _mask_and_score(logits: torch.Tensor) -> tuple[np.ndarray, float]:

@@ -13,7 +13,7 @@ Choices made where toyworld.md leaves room (see also referring.py):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -110,9 +110,7 @@ def _pick(rng: np.random.Generator, items: Sequence[str]) -> str:
     return items[int(rng.integers(len(items)))]
 
 
-def _pick_target(
-    rng: np.random.Generator, rendered: RenderedScene, target: int | None, referable: bool
-) -> int:
+def _pick_target(rng: np.random.Generator, rendered: RenderedScene, target: int | None, referable: bool) -> int:
     if target is not None:
         return target
     pool = referable_objects(rendered) if referable else list(range(len(rendered.objects)))
@@ -199,6 +197,22 @@ def sample_grounded_caption(rng: np.random.Generator, rendered: RenderedScene) -
     return Sample("grounded_caption", GCG_QUESTION, gcg_answer(rendered), masks, [], order)
 
 
+def _region_sample(
+    rng: np.random.Generator,
+    rendered: RenderedScene,
+    target: int | None,
+    prompt_kind: PromptKind | None,
+    task: str,
+    question: str,
+    answer: Callable[[ObjectGT], str],
+) -> Sample:
+    """A question about one object given as a visual prompt (target first, then its prompt)."""
+    t = _pick_target(rng, rendered, target, referable=False)
+    obj = rendered.objects[t]
+    prompt = sample_prompt(rng, obj, rendered.size, prompt_kind)
+    return Sample(task, question, answer(obj), [], [prompt], [t])
+
+
 def sample_region_caption(
     rng: np.random.Generator,
     rendered: RenderedScene,
@@ -206,11 +220,15 @@ def sample_region_caption(
     prompt_kind: PromptKind | None = None,
 ) -> Sample:
     """`What is <region>?` -> `a {size} {color} {shape}.`"""
-    t = _pick_target(rng, rendered, target, referable=False)
-    obj = rendered.objects[t]
-    prompt = sample_prompt(rng, obj, rendered.size, prompt_kind)
-    answer = f"a {obj.size} {obj.color} {obj.shape}."
-    return Sample("region_caption", REGION_CAPTION_QUESTION, answer, [], [prompt], [t])
+    return _region_sample(
+        rng,
+        rendered,
+        target,
+        prompt_kind,
+        "region_caption",
+        REGION_CAPTION_QUESTION,
+        lambda obj: f"a {obj.size} {obj.color} {obj.shape}.",
+    )
 
 
 def sample_region_color(
@@ -220,10 +238,9 @@ def sample_region_color(
     prompt_kind: PromptKind | None = None,
 ) -> Sample:
     """`What color is <region>?` -> `{color}.`"""
-    t = _pick_target(rng, rendered, target, referable=False)
-    obj = rendered.objects[t]
-    prompt = sample_prompt(rng, obj, rendered.size, prompt_kind)
-    return Sample("region_color", REGION_COLOR_QUESTION, f"{obj.color}.", [], [prompt], [t])
+    return _region_sample(
+        rng, rendered, target, prompt_kind, "region_color", REGION_COLOR_QUESTION, lambda obj: f"{obj.color}."
+    )
 
 
 def sample_conversation(
