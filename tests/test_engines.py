@@ -20,7 +20,7 @@ from omg_llava_ros.engines import tensorrt_backend
 from omg_llava_ros.engines.backend import EngineOptions, build_engines, select_backend, tensorrt_engines
 from omg_llava_ros.engines.cache import BuildEnvironment, EngineCache, EngineKey, load_or_build
 from omg_llava_ros.engines.export import fp16_safe_classify, load_exported, model_fingerprint, verify_graph
-from omg_llava_ros.engines.onnxruntime_backend import OnnxRuntimeVision, OrtOptions
+from omg_llava_ros.engines.onnxruntime_backend import OnnxRuntimeVision, OrtOptions, fuse_gelu
 from omg_llava_ros.engines.spec import (
     BackendUnavailableError,
     EngineNotBuiltError,
@@ -192,6 +192,25 @@ def test_ort_encoder_matches_torch(tiny_model, ort_model):
     for a, b in zip(mem_o.positions, mem_t.positions, strict=True):
         torch.testing.assert_close(a, b)
     assert mem_o.level_shapes == mem_t.level_shapes
+
+
+def test_gelu_fusion_replaces_every_erf_gelu_and_keeps_the_outputs(exported):
+    import onnxruntime as ort
+
+    path = str(exported.path("encoder"))
+    plain = onnx.load(path)
+    fused = onnx.load_from_string(fuse_gelu(path))
+    erfs = sum(n.op_type == "Erf" for n in plain.graph.node)
+    assert erfs > 0  # ConvNeXt's GELUs, as the torch exporter writes them
+    assert not any(n.op_type == "Erf" for n in fused.graph.node)
+    assert sum(n.op_type == "Gelu" and n.domain == "com.microsoft" for n in fused.graph.node) == erfs
+    feeds = {"pixels": np.random.default_rng(0).standard_normal((1, 3, 256, 256)).astype(np.float32)}
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    a = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"]).run(None, feeds)
+    b = ort.InferenceSession(fused.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)
 
 
 def _constraints(batch: int, n: int, level_shapes, seed: int) -> QueryConstraints:

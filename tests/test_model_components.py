@@ -318,6 +318,25 @@ def test_perception_prior_formula_by_hand():
     assert torch.equal(prior.object_tokens[0], q[winners])
 
 
+def test_object_tokens_on_the_mask_grid_keep_an_object_between_token_centres():
+    # 16×16 mask logits, 2×2 token grid over a 16-px input: token centres sit at pixels 3.5–4.5 and
+    # 11.5–12.5. Query 0 is the table, query 1 a 3×3 object at rows/cols 6–8 (no token centre).
+    m = torch.full((1, 3, 16, 16), -6.0)
+    m[0, 0] = 6.0
+    m[0, 0, 6:9, 6:9] = -6.0
+    m[0, 1, 6:9, 6:9] = 6.0
+    cls = torch.tensor([[[4.0, 0.0, 0.0], [0.0, 4.0, 0.0], [0.0, 0.0, 4.0]]])
+    f, p = torch.randn(1, 3, 4), torch.randn(1, 3, 4)
+    on_tokens = perception_prior(cls, m, f, p, 16, (2, 2), object_grid="tokens")
+    on_mask = perception_prior(cls, m, f, p, 16, (2, 2), object_grid="mask")
+    assert on_tokens.object_indices[0].tolist() == [0]
+    assert on_mask.object_indices[0].tolist() == [0, 1]
+    assert torch.equal(on_mask.object_tokens[0], torch.cat([f, p], -1)[0, [0, 1]])
+    assert torch.equal(on_mask.pixel_prior, on_tokens.pixel_prior)  # the selection changes nothing else
+    with pytest.raises(ValueError, match="object_grid"):
+        perception_prior(cls, m, f, p, 16, (2, 2), object_grid="pixels")
+
+
 def test_prior_variants():
     torch.manual_seed(0)
     cls, m = torch.randn(1, 4, 3), torch.randn(1, 4, 4, 4)

@@ -70,9 +70,7 @@ def erode(mask: np.ndarray, k: int) -> np.ndarray:
 
 def pairwise_gaps(objects: tuple[ObjectSpec, ...]) -> list[float]:
     return [
-        math.dist(a.center, b.center) - a.radius - b.radius
-        for i, a in enumerate(objects)
-        for b in objects[i + 1 :]
+        math.dist(a.center, b.center) - a.radius - b.radius for i, a in enumerate(objects) for b in objects[i + 1 :]
     ]
 
 
@@ -405,9 +403,7 @@ def every_syntactic_expression() -> list[str]:
     for e in EXTREMES:
         out += [f"the {e} {s}" for s in SHAPES] + [f"the {e} {c} object" for c in COLORS]
         out.append(f"the {e} object")
-    out += [
-        f"the {s} {rel} the {c} {s2}" for s in SHAPES for rel in RELATIONS for c in COLORS for s2 in SHAPES
-    ]
+    out += [f"the {s} {rel} the {c} {s2}" for s in SHAPES for rel in RELATIONS for c in COLORS for s2 in SHAPES]
     return out + ["the largest object", "the smallest object"]
 
 

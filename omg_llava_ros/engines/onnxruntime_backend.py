@@ -35,6 +35,25 @@ def import_onnxruntime() -> Any:
     return onnxruntime
 
 
+def fuse_gelu(path: str) -> bytes:
+    """The graph at `path` with every erf GELU as one `com.microsoft.Gelu` node, serialised.
+
+    The torch exporter writes GELU as Div → Erf → Add → Mul with `x · 0.5` on a side branch, a form
+    ONNX Runtime's built-in GELU fusion does not match (its profile showed all 12 of the encoder's
+    GELUs as five element-wise kernels each); the fusion tool shipped with ONNX Runtime does, after
+    which the session also folds the bias in (BiasGelu). Same function, exact erf form. TensorRT
+    reads the unfused file and fuses on its own.
+    """
+    import onnx
+    from onnxruntime.transformers.fusion_gelu import FusionGelu
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = OnnxModel(onnx.load(path))
+    FusionGelu(model).apply()
+    model.prune_graph()
+    return model.model.SerializeToString()
+
+
 def cuda_provider_available() -> bool:
     try:
         return "CUDAExecutionProvider" in import_onnxruntime().get_available_providers()
@@ -46,7 +65,9 @@ def cuda_provider_available() -> bool:
 class OrtOptions:
     """Session settings. device: "cpu", "cuda" or "auto" (CUDA when ONNX Runtime and torch both see a
     GPU); optimization: one of OPTIMIZATION_LEVELS.
-    allow_spinning=False stops idle worker threads from busy-waiting (kinder to a shared CPU)."""
+    allow_spinning=False stops worker threads from busy-waiting at all (kinder to a shared CPU, slower:
+    every operator then wakes its workers through the OS); spin_between_runs=False keeps them
+    spinning only inside a run, so that nothing spins while the LLM or another process computes."""
 
     device: str = "cpu"
     intra_op_threads: int = 2
@@ -54,6 +75,7 @@ class OrtOptions:
     optimization: str = "all"
     device_id: int = 0
     allow_spinning: bool = True
+    spin_between_runs: bool = False
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
@@ -99,8 +121,11 @@ class OnnxRuntimeVision(VisionBackend):
         }[opts.optimization]
         if not opts.allow_spinning:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        elif not opts.spin_between_runs:
+            so.add_session_config_entry("session.force_spinning_stop", "1")
         self.sessions = {
-            role: ort.InferenceSession(str(exported.path(role)), so, providers=providers) for role in exported.roles
+            role: ort.InferenceSession(fuse_gelu(str(exported.path(role))), so, providers=providers)
+            for role in exported.roles
         }
         self.positions = memory_positions(self.spec, self.device)
         self._io_binding = opts.device == "cuda" and self.device.type == "cuda"

@@ -31,6 +31,11 @@ class ImageEncoderConfig:
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
     layer_norm_eps: float = 1e-6
+    # Initial value of each block's layer scale (`gamma`; its key exists either way). 1e-6 is
+    # ConvNeXt's ImageNet choice and changes nothing for loaded weights; a model trained from scratch
+    # in a few thousand steps needs its residual blocks on from the start (with 1e-6 the scales were
+    # still ≈ 0.02 after 4 000 steps: an almost linear encoder that saw colour but not shape).
+    layer_scale_init: float = 1e-6
 
 
 @dataclass
@@ -136,6 +141,9 @@ class OmgLlavaConfig:
 
     perception_prior: "concat" (the official code), "additive" (the paper's MS·Q + F; the pixel MLP
     input is then 4·dims[-1]) or "none" (the prior zeroed, for the ablation).
+    object_token_grid: where a query must win the per-pixel argmax of P to become an object token:
+    "tokens" (the official code: the pixel-token grid, i.e. P sampled at the token centres) or
+    "mask" (the decoder's stride-4 mask grid, which no object of a few tokens' size can slip through).
     """
 
     name: str = "official-7b"
@@ -145,6 +153,7 @@ class OmgLlavaConfig:
     pixel_shuffle_ratio: int = 2
     perception_prior: str = "concat"
     prior_smooth_ratio: float = 0.5
+    object_token_grid: str = "tokens"
     # Half size, in model-input pixels, of the box a point prompt becomes (official: ±3 px).
     point_box_half_size: float = 3.0
     max_new_tokens: int = 256
@@ -250,14 +259,18 @@ TOYWORLD_SHAPES = ("circle", "square", "triangle", "star", "cross")
 def embedded() -> OmgLlavaConfig:
     """The small model trained on the tabletop world and shipped in the package.
 
-    ConvNeXt (2, 2, 6, 2) × (32, 64, 128, 256) at 256² → 16 pixel tokens of 1024 (+ 256 prior);
+    ConvNeXt (2, 2, 6, 2) × (32, 64, 128, 256) at 256² → 64 pixel tokens of 256 (+ 256 prior): no
+    pixel shuffle: object tokens carry no position (as in the official model), so where things are
+    comes from the pixel tokens, and 4×4 cells of 64 px are too coarse to order objects left to right;
     OMG decoder hidden 128, 16 queries, 6 layers; classes: the 30 colour-shape pairs (things) and
     `table` (stuff); a 4-layer Llama-style LLM of hidden 256 trained from scratch.
     """
     things = tuple(f"{c} {s}" for c in TOYWORLD_COLORS for s in TOYWORLD_SHAPES)
     return OmgLlavaConfig(
         name="embedded",
-        image_encoder=ImageEncoderConfig(depths=(2, 2, 6, 2), dims=(32, 64, 128, 256), image_size=256),
+        image_encoder=ImageEncoderConfig(
+            depths=(2, 2, 6, 2), dims=(32, 64, 128, 256), image_size=256, layer_scale_init=1.0
+        ),
         decoder=OmgDecoderConfig(
             hidden_dim=128,
             num_queries=16,
@@ -290,6 +303,10 @@ def embedded() -> OmgLlavaConfig:
             rope_theta=10000.0,
         ),
         max_new_tokens=96,
+        pixel_shuffle_ratio=1,
+        # Token centres lie 32 px apart, and a small object (12 px radius) often covers none of
+        # them: selected on the token grid, it would reach the LLM as no object token at all.
+        object_token_grid="mask",
     )
 
 

@@ -25,6 +25,7 @@ class ImageEncoder(nn.Module):
             dims=config.dims,
             num_classes=0,
             norm_eps=config.layer_norm_eps,
+            ls_init_value=config.layer_scale_init,
         )
         # Keep only what OMG-Seg uses; the CLIP head (norm + projection) plays no part.
         self.stem = trunk.stem

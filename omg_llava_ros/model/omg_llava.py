@@ -346,6 +346,7 @@ class OmgLlava(nn.Module):
             (side, side),
             self.config.prior_smooth_ratio,
             self.config.perception_prior,
+            self.config.object_token_grid,
         )
         proj = self.visual_projector
         pixel_tokens = proj.pixel_tokens(shuffled, prior.pixel_prior)[0]

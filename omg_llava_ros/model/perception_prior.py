@@ -83,8 +83,13 @@ def perception_prior(
     grid: tuple[int, int],
     smooth_ratio: float = 0.5,
     variant: str = "concat",
+    object_grid: str = "tokens",
 ) -> PerceptionPrior:
-    """class_logits (B, Q, K+1), mask_logits (B, Q, h, w), query_feat/pos (B, Q, C) → PerceptionPrior."""
+    """class_logits (B, Q, K+1), mask_logits (B, Q, h, w), query_feat/pos (B, Q, C) → PerceptionPrior.
+    object_grid: "tokens" selects the object tokens on the token grid (official), "mask" on the
+    (h, w) grid of the mask logits."""
+    if object_grid not in ("tokens", "mask"):
+        raise ValueError(f"object_grid must be 'tokens' or 'mask', got {object_grid!r}")
     queries = torch.cat([query_feat, query_pos.expand_as(query_feat)], dim=-1)  # (B, Q, 2C)
     s = confidence(class_logits)
     if variant == "additive":
@@ -96,7 +101,11 @@ def perception_prior(
     pixel_prior = torch.matmul(weights.transpose(1, 2), queries)  # (B, T, 2C)
     if variant == "none":
         pixel_prior = torch.zeros_like(pixel_prior)
-    winners = prob.flatten(2).argmax(dim=1)  # (B, T)
+    if object_grid == "mask":
+        scale = s * smooth_ratio + (1 - smooth_ratio) if variant != "additive" else s
+        winners = (scale[..., None, None] * mask_logits.sigmoid()).flatten(2).argmax(dim=1)  # (B, h·w)
+    else:
+        winners = prob.flatten(2).argmax(dim=1)  # (B, T)
     object_tokens, object_indices = [], []
     for b in range(queries.shape[0]):
         idx = torch.unique(winners[b])  # sorted ascending, as the official boolean selection

@@ -51,9 +51,7 @@ def _clip_norm(v: np.ndarray, limit: float) -> np.ndarray:
     return v if n <= limit else v * (limit / n)
 
 
-def step_scene(
-    rng: np.random.Generator, scene: Scene, velocity: np.ndarray, spin: np.ndarray
-) -> Scene:
+def step_scene(rng: np.random.Generator, scene: Scene, velocity: np.ndarray, spin: np.ndarray) -> Scene:
     """Moves every object one frame; updates `velocity` (N, 2) and `spin` (N,) in place.
 
     Objects move one after another and each checks against the others' latest positions, so the
@@ -111,4 +109,3 @@ def sample_moving_scene(
     frames = [render(s, size, antialias=antialias) for s in scenes]
     command = sample_referring_segmentation(rng, frames[0], ref_mode=ref_mode)
     return MovingScene(scenes=scenes, frames=frames, target=command.object_ids[0], command=command)
-

@@ -168,4 +168,3 @@ def sample_expression(
     form = forms[int(rng.integers(len(forms)))]
     choices = [e for e in exprs if e.form == form]
     return choices[int(rng.integers(len(choices)))].text
-

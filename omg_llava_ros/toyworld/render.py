@@ -150,9 +150,7 @@ def _inside_convex(poly: np.ndarray, px: np.ndarray, py: np.ndarray) -> np.ndarr
     return inside
 
 
-def coverage(
-    obj: ObjectSpec, scale: float, x0: int, y0: int, width: int, height: int, samples: int = 1
-) -> np.ndarray:
+def coverage(obj: ObjectSpec, scale: float, x0: int, y0: int, width: int, height: int, samples: int = 1) -> np.ndarray:
     """Fraction of `samples`^2 regular sub-pixel points inside the shape, per pixel of the crop.
 
     With samples=1 this is the binary mask (pixel centre inside), as a float array.

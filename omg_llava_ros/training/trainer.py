@@ -62,6 +62,10 @@ class TrainConfig:
     # Shape is the slow attribute to learn (colour comes almost at once); Mask2Former's class
     # weight of 2 left shape near chance after 2400 steps, so the class term is weighted up.
     class_weight: float = 6.0
+    # Dense auxiliary loss (training only): every stride-4 pixel classified into its object's
+    # colour-shape class. One class term per object left shape out of the features (linear probes
+    # on them near chance); a per-pixel signal puts it there, where queries and the LLM can read it.
+    semantic_weight: float = 2.0
     perception_prior: str = "concat"
     bf16: bool = True
     threads: int = 2
@@ -116,12 +120,17 @@ class Clock:
 
 
 # -- checkpoints -----------------------------------------------------------------------------------
-def save_checkpoint(path: Path, model: OmgLlava, optimizer, stage: int, step: int, spent: float) -> None:
+def save_checkpoint(
+    path: Path, model: OmgLlava, optimizer, stage: int, step: int, spent: float, aux: torch.nn.Module | None = None
+) -> None:
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, path / "model.tmp")
+    if aux is not None:
+        save_file({k: v.detach().contiguous() for k, v in aux.state_dict().items()}, path / "aux.tmp")
+        (path / "aux.tmp").replace(path / "aux.safetensors")
     torch.save(optimizer.state_dict(), path / "optimizer.tmp")
     (path / "model.tmp").replace(path / "model.safetensors")
     (path / "optimizer.tmp").replace(path / "optimizer.pt")
@@ -163,11 +172,46 @@ def build_model(cfg: TrainConfig, out: Path) -> OmgLlava:
 
 
 # -- stage 0: perception ---------------------------------------------------------------------------
+PERCEPTION_PREFIXES = ("image_encoder.", "omg_decoder.")
+
+
 def perception_parameters(model: OmgLlava) -> list[torch.nn.Parameter]:
     return list(model.image_encoder.parameters()) + list(model.omg_decoder.parameters())
 
 
-def stage0_step(model: OmgLlava, batch: data.PerceptionBatch, cfg: TrainConfig) -> dict[str, float]:
+class SemanticHead(torch.nn.Module):
+    """Training-only: per-pixel class logits (B, K, h, w) from the stride-4 mask features (B, C, h, w).
+    A linear map on purpose, so that the features themselves must separate the classes."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.proj = torch.nn.Conv2d(dim, num_classes, 1)
+
+    def forward(self, mask_features: torch.Tensor) -> torch.Tensor:
+        return self.proj(mask_features)
+
+
+def semantic_targets(targets: list[tuple[torch.Tensor, torch.Tensor]], num_classes: int) -> torch.Tensor:
+    """[(labels (M,), soft masks (M, P))] → (B, K, P) per-pixel class distributions."""
+    out = torch.zeros(len(targets), num_classes, targets[0][1].shape[-1])
+    for b, (labels, masks) in enumerate(targets):
+        out[b].index_add_(0, labels, masks)
+    return out / out.sum(1, keepdim=True).clamp(min=1e-6)
+
+
+def semantic_loss(logits: torch.Tensor, targets: torch.Tensor, background_weight: float = 0.1) -> torch.Tensor:
+    """Soft-target cross-entropy per pixel: logits (B, K, h, w), targets (B, K, h·w), the last class
+    the table. Table pixels weigh `background_weight`: objects cover a tenth of an image, and an
+    unweighted loss is met by calling everything table."""
+    logp = F.log_softmax(logits.float().flatten(2), dim=1)
+    ce = -(targets * logp).sum(1)
+    weight = 1 - (1 - background_weight) * targets[:, -1]
+    return (ce * weight).sum() / weight.sum()
+
+
+def stage0_step(
+    model: OmgLlava, batch: data.PerceptionBatch, cfg: TrainConfig, semantic: SemanticHead | None = None
+) -> dict[str, float]:
     enc, dec = model.image_encoder, model.omg_decoder
     pixels = pixels_of(model, batch.images)
     with autocast(cfg):
@@ -177,6 +221,10 @@ def stage0_step(model: OmgLlava, batch: data.PerceptionBatch, cfg: TrainConfig) 
         size = tuple(memory.mask_features.shape[-2:])
         targets = [(torch.as_tensor(t.labels), resize_masks(t.masks, size).flatten(1)) for t in batch.targets]
         loss_set = set_criterion(out.class_logits_per_layer, out.mask_logits, targets, cfg.class_weight)
+        loss_sem = memory.mask_features.new_zeros((), dtype=torch.float32)
+        if semantic is not None:
+            sem_targets = semantic_targets(targets, model.config.decoder.num_classes)
+            loss_sem = semantic_loss(semantic(memory.mask_features), sem_targets)
 
         prompts = [to_encoded(p.prompt) for p in batch.prompts]
         index = torch.tensor([p.image_index for p in batch.prompts])
@@ -185,9 +233,14 @@ def stage0_step(model: OmgLlava, batch: data.PerceptionBatch, cfg: TrainConfig) 
         pout = dec.decode(pq, ppos, select_memory(memory, index), constraints)
         gt = resize_masks(np.stack([p.mask for p in batch.prompts]), size).flatten(1)
         loss_prompt = mask_loss(pout.mask_logits, gt) / len(pout.mask_logits)
-        loss = loss_set + loss_prompt
+        loss = loss_set + loss_prompt + cfg.semantic_weight * loss_sem
     loss.backward()
-    return {"loss": float(loss.detach()), "set": float(loss_set.detach()), "prompt": float(loss_prompt.detach())}
+    return {
+        "loss": float(loss.detach()),
+        "set": float(loss_set.detach()),
+        "prompt": float(loss_prompt.detach()),
+        "semantic": float(loss_sem.detach()),
+    }
 
 
 # -- stages 1 and 2: the LLM side ------------------------------------------------------------------
@@ -219,6 +272,7 @@ def perceive_batch(model: OmgLlava, images: list[np.ndarray]) -> VisualBatch:
         (side, side),
         model.config.prior_smooth_ratio,
         model.config.perception_prior,
+        model.config.object_token_grid,
     )
     return VisualBatch(memory, pixel_shuffle(feats[-1], ratio), prior)
 
@@ -379,15 +433,31 @@ def run_stage(model: OmgLlava, cfg: TrainConfig, out: Path, stage: int, start: d
     params = perception_parameters(model) if stage == 0 else llm_side_parameters(model, with_llm=stage == 2)
     for p in params:
         p.requires_grad_(True)
+    semantic = None
+    if stage == 0 and cfg.semantic_weight > 0:
+        dcfg = model.config.decoder
+        semantic = SemanticHead(dcfg.hidden_dim, dcfg.num_classes)
+        params = params + list(semantic.parameters())
     model.train()
     if stage > 0:
         model.image_encoder.eval()
         model.omg_decoder.eval()
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05 if stage == 0 else 0.0)
+    # Weight decay on matrices and kernels only: decaying norms, biases and layer scales pulls the
+    # residual blocks back towards zero.
+    decay = 0.05 if stage == 0 else 0.0
+    groups = [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": decay},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=lr)
     step, spent = 0, 0.0
     ckpt = out / f"stage{stage}"
     if start and start["stage"] == stage:
         step, spent = start["step"], start["spent"]
+        if semantic is not None and (ckpt / "aux.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            semantic.load_state_dict(load_file(ckpt / "aux.safetensors"))
         opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
         log.info("stage %d: resuming at step %d (%.1f min spent)", stage, step, spent / 60)
     clock = Clock(minutes, spent)
@@ -399,7 +469,8 @@ def run_stage(model: OmgLlava, cfg: TrainConfig, out: Path, stage: int, start: d
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, total, lr)
         if stage == 0:
-            stats = stage0_step(model, data.perception_batch(rng, cfg.stage0_batch, 256, cls_names), cfg)
+            batch = data.perception_batch(rng, cfg.stage0_batch, 256, cls_names)
+            stats = stage0_step(model, batch, cfg, semantic)
         elif stage == 1:
             stats = stage1_step(model, rng, cfg)
         else:
@@ -415,9 +486,9 @@ def run_stage(model: OmgLlava, cfg: TrainConfig, out: Path, stage: int, start: d
             with (out / "log.jsonl").open("a") as f:
                 f.write(json.dumps({"stage": stage, "step": step, "minutes": clock.spent / 60, **mean}) + "\n")
         if time.monotonic() - last_save > cfg.checkpoint_minutes * 60:
-            save_checkpoint(ckpt, model, opt, stage, step, clock.spent)
+            save_checkpoint(ckpt, model, opt, stage, step, clock.spent, semantic)
             last_save = time.monotonic()
-    save_checkpoint(ckpt, model, opt, stage, step, clock.spent)
+    save_checkpoint(ckpt, model, opt, stage, step, clock.spent, semantic)
     (ckpt / "DONE").write_text(json.dumps({"steps": step, "minutes": clock.spent / 60}))
     log.info("stage %d done: %d steps in %.1f min", stage, step, clock.spent / 60)
     model.eval()
@@ -439,14 +510,19 @@ def train(cfg: TrainConfig) -> OmgLlava:
         if p is not None:
             resume = p
             break
-    if resume is not None:
+    if resume is not None and resume["stage"] > 0:
         load_weights(model, out / f"stage{resume['stage']}")
-    elif cfg.perception_from:
-        # Reuse a trained, frozen perception module (same architecture).
+    elif resume is not None or cfg.perception_from:
+        # Stage 0 trains only the perception module: take just that from its checkpoint (the
+        # LLM side may have changed shape since, e.g. another pixel-shuffle ratio).
         from safetensors.torch import load_file
 
-        state = load_file(Path(cfg.perception_from) / "model.safetensors")
-        vision = {k: v for k, v in state.items() if k.startswith(("image_encoder.", "omg_decoder."))}
+        folder = out / "stage0" if resume is not None else Path(cfg.perception_from)
+        state = load_file(folder / "model.safetensors")
+        vision = {k: v for k, v in state.items() if k.startswith(PERCEPTION_PREFIXES)}
+        missing = [k for k in model.state_dict() if k.startswith(PERCEPTION_PREFIXES) and k not in vision]
+        if missing:
+            raise ValueError(f"{folder} lacks perception weights, e.g. {missing[:3]}")
         model.load_state_dict(vision, strict=False)
     for stage in cfg.stages:
         if (out / f"stage{stage}" / "DONE").exists():
