@@ -104,15 +104,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from omg_llava_ros.training.trainer import TrainConfig, train
 
     logging.getLogger().setLevel(logging.INFO)
+    steps = {f"stage{i}_steps": getattr(args, f"stage{i}_steps") for i in range(3)}
     cfg = TrainConfig(
         out_dir=args.out,
         seed=args.seed,
-        stage0_steps=args.stage0_steps,
-        stage1_steps=args.stage1_steps,
-        stage2_steps=args.stage2_steps,
         perception_prior="none" if args.no_prior else "concat",
         stages=tuple(args.stages),
         perception_from=args.perception_from,
+        **{k: v for k, v in steps.items() if v is not None},  # unset: TrainConfig's defaults
     )
     t0 = time.monotonic()
     model = train(cfg)
@@ -155,9 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", default="runs/embedded", help="run folder (checkpoints, log, tokenizer)")
     tr.add_argument("--export", default=None, help="where to write the trained model (default OUT/model)")
     tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--stage0-steps", type=int, default=3600)
-    tr.add_argument("--stage1-steps", type=int, default=250)
-    tr.add_argument("--stage2-steps", type=int, default=2000)
+    tr.add_argument("--stage0-steps", type=int, default=None, help="default: TrainConfig's")
+    tr.add_argument("--stage1-steps", type=int, default=None, help="default: TrainConfig's")
+    tr.add_argument("--stage2-steps", type=int, default=None, help="default: TrainConfig's")
     tr.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2])
     tr.add_argument("--no-prior", action="store_true", help="ablation: zero the perception-prior embedding")
     tr.add_argument("--perception-from", default=None, help="reuse a trained stage-0 checkpoint folder")
