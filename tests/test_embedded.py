@@ -34,22 +34,28 @@ def test_loads_with_no_argument(embedded):
     assert embedded.tokenizer is not None
 
 
-# The first shipped version does not reach the issue's targets (see README: shapes are told apart
-# poorly). These bounds pin what it does reliably, well below its measured 200-sample figures
-# (referring answer text 1.00, cIoU 0.29; attribute 0.84; region colour with a mask 1.00;
-# panoptic quality 0.48), so that a broken checkpoint, loader or pipeline fails here.
-def test_referring_answers_copy_the_expression_and_ground_something(metrics):
+# The shipped model does not reach every target of the issue yet (README: its figures on 200
+# samples per task). These bounds sit well below what it measures there (referring answer text
+# 1.00, cIoU 0.45; attribute 0.83; region caption with a mask 0.64, region colour with a mask 0.98;
+# panoptic quality 0.81; follow mode 0.51), so that a broken checkpoint, loader or pipeline fails
+# here while 16-sample noise does not.
+def test_referring_answers_copy_the_expression_and_ground_the_object(metrics):
     assert metrics["referring"]["text_exact"] >= 0.9
-    assert metrics["referring"]["ciou"] >= 0.1
+    assert metrics["referring"]["ciou"] >= 0.25
 
 
-def test_colour_answers(metrics):
-    assert metrics["exact"]["region_color_mask"] >= 0.8
-    assert metrics["exact"]["attribute"] >= 0.5
+def test_colour_and_region_answers(metrics):
+    assert metrics["exact"]["region_color_mask"] >= 0.75
+    assert metrics["exact"]["attribute"] >= 0.6
+    assert metrics["exact"]["region_caption_mask"] >= 0.3
 
 
 def test_panoptic_quality(metrics):
-    assert metrics["panoptic_quality"] >= 0.3
+    assert metrics["panoptic_quality"] >= 0.6
+
+
+def test_follow_mode_keeps_the_object(metrics):
+    assert metrics["follow_miou"] >= 0.25
 
 
 def test_every_metric_is_reported(metrics):

@@ -3,7 +3,11 @@
 One repeat runs the vision work of a chat turn on one image with each backend: the encoder (image
 encoder + pixel decoder), the panoptic pass (all learned queries, with classes), three `[SEG]`-style
 single queries, and two visual prompts (point and box, with their attention constraints). The two
-backends alternate within every repeat, so that load from other processes hits both alike.
+backends alternate in blocks of a few repeats, so that load from other processes hits both alike;
+the first run of each block is not counted. Switching every run penalises whichever runtime runs
+second (measured: ONNX Runtime's encoder 12 ms back to back, 17 ms when each run follows a PyTorch
+one; the other runtime's worker threads are still spinning), which a vision loop on one runtime
+never sees.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from omg_llava_ros.model.omg_llava import OmgLlava, TorchVision, VisionBackend
 from omg_llava_ros.model.prompt_encoder import EncodedPrompt
 
 STAGES = ("encode", "panoptic", "seg_queries", "prompts")
+BLOCK = 5  # counted repeats per backend before switching
 
 
 @dataclass
@@ -57,13 +62,18 @@ def measure_vision_speed(
     reference = TorchVision(model)
     workloads = {"torch": _workload(model, reference), "other": _workload(model, backend)}
     samples: dict[str, list[dict[str, float]]] = {"torch": [], "other": []}
+    order = ["torch", "other"]
     with torch.no_grad():
-        for i in range(warmup + repeats):
-            order = ("torch", "other") if i % 2 == 0 else ("other", "torch")
+        for _ in range(warmup):
             for name in order:
-                times = workloads[name]()
-                if i >= warmup:
-                    samples[name].append(times)
+                workloads[name]()
+        while any(len(runs) < repeats for runs in samples.values()):
+            for name in order:
+                count = min(BLOCK, repeats - len(samples[name]))
+                if count > 0:
+                    workloads[name]()  # settles the switch; not counted
+                    samples[name] += [workloads[name]() for _ in range(count)]
+            order.reverse()
     medians = {name: _medians(runs) for name, runs in samples.items()}
     return VisionSpeed(
         backend=backend.name,

@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrainConfig:
     """Each stage runs a fixed number of steps (the learning-rate schedule follows them), with a
-    wall-clock cap in minutes as a safety net. On a quiet 2-core CPU the defaults take about
-    36 + 3 + 40 minutes."""
+    wall-clock cap in minutes as a safety net. On the 2-core CPU the defaults took 65 + 3 + 26
+    minutes (2026-11-27, with other work running beside them)."""
 
     out_dir: str = "runs/embedded"
     seed: int = 0
@@ -63,8 +63,9 @@ class TrainConfig:
     # weight of 2 left shape near chance after 2400 steps, so the class term is weighted up.
     class_weight: float = 6.0
     # Dense auxiliary loss (training only): every stride-4 pixel classified into its object's
-    # colour-shape class. One class term per object left shape out of the features (linear probes
-    # on them near chance); a per-pixel signal puts it there, where queries and the LLM can read it.
+    # colour-shape class by a linear head on the mask features. The class term gives one signal per
+    # object; this one asks every pixel of the features for the shape, where the queries (and so
+    # the LLM) read it. Its own accuracy is a cheap probe of what the features know.
     semantic_weight: float = 2.0
     # Visual prompts per training image and the weight of their mask loss: at weight 1 (masks
     # weighed 5× less than the panoptic ones) point prompts reached only 0.29 IoU after 2 800 steps.
@@ -383,7 +384,7 @@ def stage1_step(model: OmgLlava, rng, cfg: TrainConfig) -> dict[str, float]:
         reg = 10 * F.mse_loss(recon.float(), queries.float())
         loss = ce + reg
     loss.backward()
-    return {"loss": float(loss), "ce": float(ce), "reg": float(reg)}
+    return {k: float(v.detach()) for k, v in (("loss", loss), ("ce", ce), ("reg", reg))}
 
 
 def moved_copy(rng, rendered, steps: int):
@@ -425,7 +426,8 @@ def stage2_step(model: OmgLlava, rng, cfg: TrainConfig) -> dict[str, float]:
             loss_follow, _ = seg_loss(model, fb, fseqs, hidden[rows])
         loss = ce + loss_seg + 0.5 * loss_follow
     loss.backward()
-    return {"loss": float(loss), "ce": float(ce), "seg": float(loss_seg), "follow": float(loss_follow)}
+    terms = (("loss", loss), ("ce", ce), ("seg", loss_seg), ("follow", loss_follow))
+    return {k: float(v.detach()) for k, v in terms}
 
 
 # -- the loop --------------------------------------------------------------------------------------
