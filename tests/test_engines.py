@@ -213,6 +213,21 @@ def test_gelu_fusion_replaces_every_erf_gelu_and_keeps_the_outputs(exported):
         np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)
 
 
+def test_sessions_fuse_once_and_reuse_the_copy_beside_the_export(exported, options, monkeypatch):
+    from omg_llava_ros.engines import onnxruntime_backend
+
+    OnnxRuntimeVision(exported, options.ort)  # writes the fused copies (or finds them)
+    fused = exported.directory / f"encoder.{exported.hashes['encoder'][:16]}.ort.onnx"
+    assert fused.is_file()
+    assert not any(n.op_type == "Erf" for n in onnx.load(str(fused)).graph.node)
+
+    def fuse_again(path):
+        raise AssertionError(f"{path} fused again")
+
+    monkeypatch.setattr(onnxruntime_backend, "fuse_gelu", fuse_again)
+    OnnxRuntimeVision(exported, options.ort)
+
+
 def _constraints(batch: int, n: int, level_shapes, seed: int) -> QueryConstraints:
     """Box-like allowed regions and a mix of prompt kinds (use_prediction False = mask prompt)."""
     gen = torch.Generator().manual_seed(seed)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from omg_llava_ros.engines.cache import atomic_write
 from omg_llava_ros.engines.export import ExportedModel
 from omg_llava_ros.engines.spec import BackendUnavailableError, GraphSpec, memory_positions
 from omg_llava_ros.model.omg_decoder import DecoderMemory, DecoderOutput, QueryConstraints
@@ -52,6 +53,22 @@ def fuse_gelu(path: str) -> bytes:
     FusionGelu(model).apply()
     model.prune_graph()
     return model.model.SerializeToString()
+
+
+def session_graph(exported: ExportedModel, role: str) -> str | bytes:
+    """What a session loads for `role`: the graph with its GELUs fused, written once beside the
+    export as `{role}.{sha}.ort.onnx` (named after the exported file's hash, so a re-export never
+    meets a stale copy) and read from there on later starts; fused in memory where the folder is
+    read-only."""
+    fused = exported.directory / f"{role}.{exported.hashes[role][:16]}.ort.onnx"
+    if fused.is_file():
+        return str(fused)
+    graph = fuse_gelu(str(exported.path(role)))
+    try:
+        atomic_write(fused, graph)
+    except OSError as err:
+        log.info("ONNX Runtime graph for %s kept in memory (%s)", role, err)
+    return graph
 
 
 def cuda_provider_available() -> bool:
@@ -124,7 +141,7 @@ class OnnxRuntimeVision(VisionBackend):
         elif not opts.spin_between_runs:
             so.add_session_config_entry("session.force_spinning_stop", "1")
         self.sessions = {
-            role: ort.InferenceSession(fuse_gelu(str(exported.path(role))), so, providers=providers)
+            role: ort.InferenceSession(session_graph(exported, role), so, providers=providers)
             for role in exported.roles
         }
         self.positions = memory_positions(self.spec, self.device)

@@ -92,17 +92,14 @@ def perception_prior(
         raise ValueError(f"object_grid must be 'tokens' or 'mask', got {object_grid!r}")
     queries = torch.cat([query_feat, query_pos.expand_as(query_feat)], dim=-1)  # (B, Q, 2C)
     s = confidence(class_logits)
-    if variant == "additive":
-        # Paper: MS = softmax over queries of (sigmoid mask ⊙ score), no smoothing.
-        prob = exact_prior_resize(mask_logits, s, input_size, grid)
-    else:
-        prob = exact_prior_resize(mask_logits, s * smooth_ratio + (1 - smooth_ratio), input_size, grid)
+    # Paper ("additive"): MS = softmax over queries of (sigmoid mask ⊙ score), no smoothing.
+    scale = s if variant == "additive" else s * smooth_ratio + (1 - smooth_ratio)
+    prob = exact_prior_resize(mask_logits, scale, input_size, grid)
     weights = prob.flatten(2).softmax(dim=1)  # over queries, per token: (B, Q, T)
     pixel_prior = torch.matmul(weights.transpose(1, 2), queries)  # (B, T, 2C)
     if variant == "none":
         pixel_prior = torch.zeros_like(pixel_prior)
     if object_grid == "mask":
-        scale = s * smooth_ratio + (1 - smooth_ratio) if variant != "additive" else s
         winners = (scale[..., None, None] * mask_logits.sigmoid()).flatten(2).argmax(dim=1)  # (B, h·w)
     else:
         winners = prob.flatten(2).argmax(dim=1)  # (B, T)

@@ -102,6 +102,11 @@ def autocast(cfg: TrainConfig):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
 
 
+def scalars(**terms: torch.Tensor) -> dict[str, float]:
+    """A step's loss terms as plain floats, for the log."""
+    return {k: float(v.detach()) for k, v in terms.items()}
+
+
 def cosine_lr(step: int, total: int, base: float, warmup: int = 50) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
@@ -240,12 +245,7 @@ def stage0_step(
         loss_prompt = mask_loss(pout.mask_logits, gt) / len(pout.mask_logits)
         loss = loss_set + cfg.prompt_weight * loss_prompt + cfg.semantic_weight * loss_sem
     loss.backward()
-    return {
-        "loss": float(loss.detach()),
-        "set": float(loss_set.detach()),
-        "prompt": float(loss_prompt.detach()),
-        "semantic": float(loss_sem.detach()),
-    }
+    return scalars(loss=loss, set=loss_set, prompt=loss_prompt, semantic=loss_sem)
 
 
 # -- stages 1 and 2: the LLM side ------------------------------------------------------------------
@@ -384,7 +384,7 @@ def stage1_step(model: OmgLlava, rng, cfg: TrainConfig) -> dict[str, float]:
         reg = 10 * F.mse_loss(recon.float(), queries.float())
         loss = ce + reg
     loss.backward()
-    return {k: float(v.detach()) for k, v in (("loss", loss), ("ce", ce), ("reg", reg))}
+    return scalars(loss=loss, ce=ce, reg=reg)
 
 
 def moved_copy(rng, rendered, steps: int):
@@ -426,8 +426,7 @@ def stage2_step(model: OmgLlava, rng, cfg: TrainConfig) -> dict[str, float]:
             loss_follow, _ = seg_loss(model, fb, fseqs, hidden[rows])
         loss = ce + loss_seg + 0.5 * loss_follow
     loss.backward()
-    terms = (("loss", loss), ("ce", ce), ("seg", loss_seg), ("follow", loss_follow))
-    return {k: float(v.detach()) for k, v in terms}
+    return scalars(loss=loss, ce=ce, seg=loss_seg, follow=loss_follow)
 
 
 # -- the loop --------------------------------------------------------------------------------------
