@@ -36,26 +36,32 @@ def test_loads_with_no_argument(embedded):
 
 # The shipped model does not reach every target of the issue yet (README: its figures on 200
 # samples per task). These bounds sit well below what it measures there (referring answer text
-# 1.00, cIoU 0.45; attribute 0.83; region caption with a mask 0.64, region colour with a mask 0.98;
-# panoptic quality 0.81; follow mode 0.51), so that a broken checkpoint, loader or pipeline fails
-# here while 16-sample noise does not.
+# 0.995, cIoU 0.78; attribute 0.91; region caption with a mask 0.91, region colour with a mask 1.00;
+# caption 0.53; grounded-caption mask mIoU 0.65; panoptic quality 0.81; follow mode 0.81) and on
+# 16 samples of other seeds, so that a broken checkpoint, loader or pipeline fails here while
+# 16-sample noise does not.
 def test_referring_answers_copy_the_expression_and_ground_the_object(metrics):
     assert metrics["referring"]["text_exact"] >= 0.9
-    assert metrics["referring"]["ciou"] >= 0.25
+    assert metrics["referring"]["ciou"] >= 0.6
 
 
 def test_colour_and_region_answers(metrics):
-    assert metrics["exact"]["region_color_mask"] >= 0.75
-    assert metrics["exact"]["attribute"] >= 0.6
-    assert metrics["exact"]["region_caption_mask"] >= 0.3
+    assert metrics["exact"]["region_color_mask"] >= 0.85
+    assert metrics["exact"]["attribute"] >= 0.65
+    assert metrics["exact"]["region_caption_mask"] >= 0.7
+
+
+def test_captions_and_their_masks(metrics):
+    assert metrics["exact"]["caption"] >= 0.25
+    assert metrics["grounded_caption_miou"] >= 0.4
 
 
 def test_panoptic_quality(metrics):
-    assert metrics["panoptic_quality"] >= 0.6
+    assert metrics["panoptic_quality"] >= 0.65
 
 
 def test_follow_mode_keeps_the_object(metrics):
-    assert metrics["follow_miou"] >= 0.25
+    assert metrics["follow_miou"] >= 0.55
 
 
 def test_every_metric_is_reported(metrics):

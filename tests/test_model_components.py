@@ -13,6 +13,7 @@ from omg_llava_ros.model.perception_prior import (
     bilinear_matrix,
     exact_prior_resize,
     literal_prior_resize,
+    merged_selection,
     perception_prior,
 )
 from omg_llava_ros.model.pixel_decoder import MultiScaleDeformableAttention
@@ -335,6 +336,41 @@ def test_object_tokens_on_the_mask_grid_keep_an_object_between_token_centres():
     assert torch.equal(on_mask.pixel_prior, on_tokens.pixel_prior)  # the selection changes nothing else
     with pytest.raises(ValueError, match="object_grid"):
         perception_prior(cls, m, f, p, 16, (2, 2), object_grid="pixels")
+
+
+def test_merged_object_tokens_drop_a_duplicate_query_and_read_left_to_right():
+    # 16×16 masks. Classes: two things, the table (stuff), no-object last.
+    # q0 the table; q1 object A on the right; q2 a second query on A that wins its lower rows;
+    # q3 object B on the left, its mask bleeding two columns beyond it; q4 empty.
+    m = torch.full((1, 5, 16, 16), -6.0)
+    m[0, 0] = 6.0
+    m[0, 0, 5:10, 1:5] = m[0, 0, 5:10, 10:14] = -6.0
+    m[0, 1, 5:10, 10:14] = 6.0
+    m[0, 2, 5:10, 10:14] = 6.0
+    m[0, 2, 8:10, 10:14] = 9.0
+    m[0, 3, 5:10, 1:5] = 6.0
+    m[0, 3, 5:10, 5:7] = 1.0
+    cls = torch.tensor([[[0, 0, 6.0, 0], [6.0, 0, 0, 0], [5.9, 0, 0, 0], [0, 6.0, 0, 0], [0, 0, 0, 6.0]]])
+    f, p = torch.randn(1, 5, 4), torch.randn(1, 5, 4)
+    on_mask = perception_prior(cls, m, f, p, 16, (2, 2), object_grid="mask")
+    assert on_mask.object_indices[0].tolist() == [0, 1, 2, 3]  # the duplicate wins pixels of its own
+    merged = perception_prior(cls, m, f, p, 16, (2, 2), object_grid="merged", num_thing_classes=2)
+    assert merged.object_indices[0].tolist() == [3, 1, 0]  # B (left), A (right), then the table
+    assert torch.equal(merged.object_tokens[0], torch.cat([f, p], -1)[0, [3, 1, 0]])
+    assert torch.equal(merged.pixel_prior, on_mask.pixel_prior)
+
+
+def test_merged_selection_keeps_touching_objects_and_the_more_confident_duplicate():
+    masks = torch.full((3, 8, 8), -5.0)
+    masks[0, :, 0:4] = 5.0  # left object
+    masks[1, :, 3:8] = 5.0  # right object, overlapping one column (IoU 1/8)
+    masks[2, :, 3:8] = 5.0  # a duplicate of the right object
+    masks[2, 0, 2] = 5.0
+    labels = torch.tensor([0, 1, 1])
+    confidence = torch.tensor([0.9, 0.6, 0.8])
+    order = merged_selection(torch.arange(3), confidence, labels, masks, num_thing_classes=2)
+    assert order.tolist() == [0, 2]  # the duplicate is more confident: it stands for the object
+    assert merged_selection(torch.arange(0), confidence, labels, masks, 2).tolist() == []
 
 
 def test_prior_variants():

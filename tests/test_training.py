@@ -121,3 +121,16 @@ def test_stage0_resumes_from_its_checkpoint(tmp_path):
     trainer.train(trainer.TrainConfig(**{**cfg.__dict__, "stage0_steps": 3}))
     assert json.loads((tmp_path / "stage0" / "progress.json").read_text())["step"] == 3
     assert (tmp_path / "stage0" / "model.safetensors").read_bytes() != first
+
+
+def test_conversations_share_scenes_and_each_scene_is_perceived_once():
+    batch = data.conversation_batch(np.random.default_rng(3), 6, 64, per_scene=4)
+    images, scene_of = data.scene_index(batch)
+    assert scene_of == [0, 0, 0, 0, 1, 1]
+    assert len(images) == 2
+    for c, i in zip(batch, scene_of, strict=True):
+        assert c.image is images[i]
+        # Each conversation is about its own scene: its target masks are masks of that scene.
+        for mask in c.sample.target_masks:
+            assert any(np.array_equal(mask, o.mask) for o in c.rendered.objects)
+    assert batch[0].rendered is batch[3].rendered and batch[3].rendered is not batch[4].rendered

@@ -142,8 +142,10 @@ class OmgLlavaConfig:
     perception_prior: "concat" (the official code), "additive" (the paper's MS·Q + F; the pixel MLP
     input is then 4·dims[-1]) or "none" (the prior zeroed, for the ablation).
     object_token_grid: where a query must win the per-pixel argmax of P to become an object token:
-    "tokens" (the official code: the pixel-token grid, i.e. P sampled at the token centres) or
-    "mask" (the decoder's stride-4 mask grid, which no object of a few tokens' size can slip through).
+    "tokens" (the official code: the pixel-token grid, i.e. P sampled at the token centres),
+    "mask" (the decoder's stride-4 mask grid, which no object of a few tokens' size can slip through)
+    or "merged" (the mask-grid winners with duplicate queries of one object suppressed, things
+    ordered left to right by mask centroid, then stuff: see `perception_prior.merged_selection`).
     """
 
     name: str = "official-7b"
@@ -306,7 +308,7 @@ def embedded() -> OmgLlavaConfig:
         pixel_shuffle_ratio=1,
         # Token centres lie 32 px apart, and a small object (12 px radius) often covers none of
         # them: selected on the token grid, it would reach the LLM as no object token at all.
-        object_token_grid="mask",
+        object_token_grid="merged",
     )
 
 

@@ -330,24 +330,30 @@ class OmgLlava(nn.Module):
             self._perceive_state(state)
         return state
 
+    def perception_prior(self, out: DecoderOutput, pos: torch.Tensor, side: int) -> PerceptionPrior:
+        """The perception prior and object tokens of a panoptic decoder pass `out` (batched) on a
+        side × side pixel-token grid, with this model's settings."""
+        cfg = self.config
+        return perception_prior(
+            out.class_logits,
+            out.mask_logits[-1],
+            out.query,
+            pos,
+            cfg.image_encoder.image_size,
+            (side, side),
+            cfg.prior_smooth_ratio,
+            cfg.perception_prior,
+            cfg.object_token_grid,
+            cfg.decoder.num_thing_classes,
+        )
+
     def _perceive_state(self, state: ImageState) -> None:
         dec = self.omg_decoder
         q, pos = dec.panoptic_queries()
         out = self.vision.decode(q, pos, state.memory, with_class=True)
         ratio = self.config.pixel_shuffle_ratio
         shuffled = pixel_shuffle(state.last_stage, ratio)
-        side = state.last_stage.shape[-1] // ratio
-        prior = perception_prior(
-            out.class_logits,
-            out.mask_logits[-1],
-            out.query,
-            pos,
-            self.config.image_encoder.image_size,
-            (side, side),
-            self.config.prior_smooth_ratio,
-            self.config.perception_prior,
-            self.config.object_token_grid,
-        )
+        prior = self.perception_prior(out, pos, state.last_stage.shape[-1] // ratio)
         proj = self.visual_projector
         pixel_tokens = proj.pixel_tokens(shuffled, prior.pixel_prior)[0]
         object_tokens = proj.object_tokens(prior.object_tokens[0])

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 @dataclass
 class PerceptionPrior:
     """pixel_prior: (B, T, 2C) per-token prior embedding; object_tokens: list of (n_b, 2C) per image;
-    object_indices: list of (n_b,) query indices, ascending; prob: (B, Q, h, w) P on the token grid."""
+    object_indices: list of (n_b,) query indices, in token order (ascending for the official
+    selection; left to right, then stuff, for "merged"); prob: (B, Q, h, w) P on the token grid."""
 
     pixel_prior: torch.Tensor
     object_tokens: list[torch.Tensor]
@@ -84,12 +85,14 @@ def perception_prior(
     smooth_ratio: float = 0.5,
     variant: str = "concat",
     object_grid: str = "tokens",
+    num_thing_classes: int | None = None,
 ) -> PerceptionPrior:
     """class_logits (B, Q, K+1), mask_logits (B, Q, h, w), query_feat/pos (B, Q, C) → PerceptionPrior.
     object_grid: "tokens" selects the object tokens on the token grid (official), "mask" on the
-    (h, w) grid of the mask logits."""
-    if object_grid not in ("tokens", "mask"):
-        raise ValueError(f"object_grid must be 'tokens' or 'mask', got {object_grid!r}")
+    (h, w) grid of the mask logits, "merged" the mask-grid winners without duplicates, left to
+    right (`merged_selection`)."""
+    if object_grid not in ("tokens", "mask", "merged"):
+        raise ValueError(f"object_grid must be 'tokens', 'mask' or 'merged', got {object_grid!r}")
     queries = torch.cat([query_feat, query_pos.expand_as(query_feat)], dim=-1)  # (B, Q, 2C)
     s = confidence(class_logits)
     # Paper ("additive"): MS = softmax over queries of (sigmoid mask ⊙ score), no smoothing.
@@ -99,16 +102,63 @@ def perception_prior(
     pixel_prior = torch.matmul(weights.transpose(1, 2), queries)  # (B, T, 2C)
     if variant == "none":
         pixel_prior = torch.zeros_like(pixel_prior)
-    if object_grid == "mask":
+    if object_grid in ("mask", "merged"):
         winners = (scale[..., None, None] * mask_logits.sigmoid()).flatten(2).argmax(dim=1)  # (B, h·w)
     else:
         winners = prob.flatten(2).argmax(dim=1)  # (B, T)
     object_tokens, object_indices = [], []
     for b in range(queries.shape[0]):
         idx = torch.unique(winners[b])  # sorted ascending, as the official boolean selection
+        if object_grid == "merged":
+            things = class_logits.shape[-1] - 1 if num_thing_classes is None else num_thing_classes
+            best = class_logits[b, :, :-1].argmax(-1)
+            idx = merged_selection(idx, s[b], best, mask_logits[b], things)
         object_indices.append(idx)
         object_tokens.append(queries[b, idx])
     return PerceptionPrior(pixel_prior, object_tokens, object_indices, prob)
+
+
+def merged_selection(
+    candidates: torch.Tensor,
+    confidence: torch.Tensor,
+    labels: torch.Tensor,
+    mask_logits: torch.Tensor,
+    num_thing_classes: int,
+    iou_threshold: float = 0.5,
+) -> torch.Tensor:
+    """Object tokens without duplicates, in reading order: candidates (n,) query indices (the
+    mask-grid winners), confidence (Q,) and labels (Q,) (best non-background class), mask_logits
+    (Q, h, w) → query indices, things left to right by the x centroid of their masks, then one
+    query per stuff class.
+
+    Why: a small decoder often puts two queries on one object; both win some pixels, and a
+    from-scratch LLM then counts the object twice. Mask non-maximum suppression in confidence order
+    drops a thing whose mask (sigmoid ≥ 0.5) overlaps a more confident thing's mask by more than
+    `iou_threshold`. Neighbours whose masks bleed into each other overlap far less than that; a
+    greedy pixel-taking merge (Mask2Former's) dropped them, and its score threshold dropped good
+    masks with a high no-object probability, so neither is used here.
+    """
+    masks = mask_logits[candidates].float() >= 0  # sigmoid ≥ 0.5
+    order = confidence[candidates].argsort(descending=True, stable=True).tolist()
+    xs = torch.arange(masks.shape[-1], dtype=torch.float32)
+    accepted: list[int] = []
+    things: list[tuple[float, int]] = []
+    stuff: dict[int, int] = {}
+    for k in order:
+        q, label, area = int(candidates[k]), int(labels[candidates[k]]), int(masks[k].sum())
+        if label >= num_thing_classes:
+            stuff.setdefault(label, q)
+            continue
+        if area == 0:
+            continue
+        inter = (masks[accepted] & masks[k]).flatten(1).sum(1).float()
+        union = masks[accepted].flatten(1).sum(1).float() + area - inter
+        if len(accepted) and float((inter / union).max()) > iou_threshold:
+            continue
+        accepted.append(k)
+        things.append((float((masks[k].float().sum(0) * xs).sum()) / area, q))
+    ordered = [q for _, q in sorted(things)] + [stuff[k] for k in sorted(stuff)]
+    return torch.tensor(ordered, dtype=torch.long)
 
 
 def literal_prior_resize(logits: torch.Tensor, scale: torch.Tensor, input_size: int, grid: tuple[int, int]):

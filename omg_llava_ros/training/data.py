@@ -111,9 +111,9 @@ class ConversationSample:
 # Stage-2 task mix: referring segmentation and GCG carry the mask loss and are the hardest.
 TASK_WEIGHTS = {
     "referring_segmentation": 3.0,
-    "counting": 1.5,
+    "counting": 2.0,
     "attribute": 1.0,
-    "existence": 1.0,
+    "existence": 1.5,
     "caption": 1.5,
     "grounded_caption": 2.0,
     "region_caption": 1.5,
@@ -122,17 +122,35 @@ TASK_WEIGHTS = {
 
 
 def conversation_batch(
-    rng: np.random.Generator, batch: int, size: int, tasks: tuple[str, ...] | None = None
+    rng: np.random.Generator, batch: int, size: int, tasks: tuple[str, ...] | None = None, per_scene: int = 1
 ) -> list[ConversationSample]:
+    """`batch` conversations, `per_scene` consecutive ones about the same scene (each its own task):
+    the frozen perception pass then runs once per scene, and it costs more than the LLM's."""
     names = tasks or tuple(TASK_WEIGHTS)
     weights = np.asarray([TASK_WEIGHTS[t] for t in names])
-    out = []
-    for _ in range(batch):
-        rendered = random_scene(rng, size)
+    out: list[ConversationSample] = []
+    rendered = None
+    for i in range(batch):
+        if i % per_scene == 0:
+            rendered = random_scene(rng, size)
         task = names[int(rng.choice(len(names), p=weights / weights.sum()))]
         sample = sample_conversation(rng, rendered, task, ref_mode="any" if rng.random() < 0.5 else "shortest")
         out.append(ConversationSample(rendered.image, sample, rendered))
     return out
+
+
+def scene_index(batch: list[ConversationSample]) -> tuple[list[np.ndarray], list[int]]:
+    """The distinct scene images of a batch and, per conversation, the index of its scene."""
+    images: list[np.ndarray] = []
+    index: list[int] = []
+    seen: dict[int, int] = {}
+    for c in batch:
+        key = id(c.rendered)
+        if key not in seen:
+            seen[key] = len(images)
+            images.append(c.image)
+        index.append(seen[key])
+    return images, index
 
 
 def tokenizer_corpus(rng: np.random.Generator, n: int = 3000, size: int = 256) -> list[str]:
