@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrainConfig:
     """Each stage runs a fixed number of steps (the learning-rate schedule follows them), with a
-    wall-clock cap in minutes as a safety net. On the 2-core CPU the defaults took 65 + 3 + 26
-    minutes (2026-11-27, with other work running beside them)."""
+    wall-clock cap in minutes as a safety net. On the 2-core CPU the defaults took 65 + 3 + 55
+    minutes (2026-11-27; stage 0 with other work running beside it)."""
 
     out_dir: str = "runs/embedded"
     seed: int = 0
