@@ -106,13 +106,13 @@ def perception_prior(
         winners = (scale[..., None, None] * mask_logits.sigmoid()).flatten(2).argmax(dim=1)  # (B, h·w)
     else:
         winners = prob.flatten(2).argmax(dim=1)  # (B, T)
+    things = class_logits.shape[-1] - 1 if num_thing_classes is None else num_thing_classes
+    best = class_logits[..., :-1].argmax(-1)  # (B, Q) best non-background class
     object_tokens, object_indices = [], []
     for b in range(queries.shape[0]):
         idx = torch.unique(winners[b])  # sorted ascending, as the official boolean selection
         if object_grid == "merged":
-            things = class_logits.shape[-1] - 1 if num_thing_classes is None else num_thing_classes
-            best = class_logits[b, :, :-1].argmax(-1)
-            idx = merged_selection(idx, s[b], best, mask_logits[b], things)
+            idx = merged_selection(idx, s[b], best[b], mask_logits[b], things)
         object_indices.append(idx)
         object_tokens.append(queries[b, idx])
     return PerceptionPrior(pixel_prior, object_tokens, object_indices, prob)
