@@ -282,7 +282,8 @@ def test_node_end_to_end_over_dds(dds_env, tmp_path):
         assert wait_for(lambda: _send_until_answered(send_frame, collect, target, "segment the \ufffd cup")), _log_text(
             log
         )
-        log_text = _log_text(log)
+        # The whole log: the reports come before the frames sent while waiting, which log lines too.
+        log_text = _log_text(log, tail=None)
         assert "data too short" in log_text and "undecodable sensor_msgs/msg/Image" in log_text
     finally:
         node.send_signal(signal.SIGTERM)
@@ -304,10 +305,12 @@ def _send_until_answered(send_frame, collect, sec: int, command: str) -> bool:
     return any(r.command == command and not r.follow for r in collect())
 
 
-def _log_text(log) -> str:
+def _log_text(log, tail: int | None = 4000) -> str:
+    """The node's log: its last `tail` characters (for failure messages), or all of it (None)."""
     log.flush()
     log.seek(0)
-    return log.read()[-4000:]
+    text = log.read()
+    return text if tail is None else text[-tail:]
 
 
 if __name__ == "__main__":
