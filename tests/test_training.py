@@ -134,3 +134,34 @@ def test_conversations_share_scenes_and_each_scene_is_perceived_once():
         for mask in c.sample.target_masks:
             assert any(np.array_equal(mask, o.mask) for o in c.rendered.objects)
     assert batch[0].rendered is batch[3].rendered and batch[3].rendered is not batch[4].rendered
+
+
+def test_conversation_batch_follows_the_task_weights():
+    rng = np.random.default_rng(4)
+    only = data.conversation_batch(rng, 8, 64, weights={"existence": 1.0, "counting": 0.0})
+    assert {c.sample.task for c in only} == {"existence"}
+    # The stage-3 mix: counting and existence are most of the questions, every other task still comes.
+    mix = trainer.TrainConfig().stage3_task_weights
+    assert set(mix) == set(data.TASK_WEIGHTS)
+    assert (mix["counting"] + mix["existence"]) / sum(mix.values()) > 0.5
+    assert min(mix.values()) > 0
+
+
+def test_answer_loss_weighs_each_answer_equally():
+    """A one-token answer counts as much as a long one with "sample", by its token count with "token"."""
+    vocab = 5
+    logits = torch.zeros(2, 6, vocab)
+    labels = torch.full((2, 6), -100)
+    labels[0, 1] = 2  # short answer, predicted badly (uniform logits)
+    labels[1, :5] = 3  # long answer, predicted well
+    logits[1, :5, 3] = 20.0
+    short = torch.log(torch.tensor(float(vocab)))
+    sample = trainer.answer_loss(logits, labels, "sample")
+    token = trainer.answer_loss(logits, labels, "token")
+    assert torch.isclose(sample, short / 2, atol=1e-4)
+    assert torch.isclose(token, short / 6, atol=1e-4)
+    # A row without answer tokens (all -100) is left out of the mean, not counted as zero.
+    padded = torch.cat([labels, torch.full((1, 6), -100)])
+    assert torch.isclose(trainer.answer_loss(torch.cat([logits, torch.zeros(1, 6, vocab)]), padded), sample)
+    with pytest.raises(ValueError, match="text_loss"):
+        trainer.answer_loss(logits, labels, "mean")
