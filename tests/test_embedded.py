@@ -38,8 +38,7 @@ def test_loads_with_no_argument(embedded):
 # samples per task). These bounds sit well below what it measures there (referring answer text
 # 1.00, cIoU 0.81; attribute 0.91, existence 0.79; region caption with a mask 0.70, region colour
 # with a mask 1.00; caption 0.60; grounded-caption mask mIoU 0.67; panoptic quality 0.81; follow
-# mode 0.81) and on
-# 16 samples of other seeds, so that a broken checkpoint, loader or pipeline fails here while
+# mode 0.81) and on 16 samples of other seeds, so that a broken checkpoint, loader or pipeline fails here while
 # 16-sample noise does not.
 def test_referring_answers_copy_the_expression_and_ground_the_object(metrics):
     assert metrics["referring"]["text_exact"] >= 0.9

@@ -83,7 +83,7 @@ class TrainConfig:
     prompts_per_image: int = 3
     prompt_weight: float = 5.0
     perception_prior: str = "concat"
-    # Stage-2 text loss: "sample" averages each answer's tokens, then the answers; "token" averages
+    # Stage-2/3 text loss: "sample" averages each answer's tokens, then the answers; "token" averages
     # all answer tokens of the batch. With "token", a one-word answer ("yes.", "two.") weighed
     # about 1/150 of a 32-question batch beside captions and GCG, and existence stayed at chance.
     text_loss: str = "sample"
@@ -395,7 +395,7 @@ def stage1_step(model: OmgLlava, rng, cfg: TrainConfig) -> dict[str, float]:
         seqs = [build_sequence(model, vb, i, c.sample) for i, c in enumerate(batch)]
         hidden, labels = run_llm(model, seqs)
         logits = model.llm.get_output_embeddings()(hidden).float()
-        ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        ce = answer_loss(logits, labels, "token")  # captions only: their tokens weigh alike
         queries = torch.cat(vb.prior.object_tokens)
         recon = model.text_projector.model(model.visual_projector.object_tokens(queries))
         reg = 10 * F.mse_loss(recon.float(), queries.float())
@@ -451,9 +451,7 @@ def stage2_step(model: OmgLlava, rng, cfg: TrainConfig, task_weights: dict | Non
 
 # -- the loop --------------------------------------------------------------------------------------
 def run_stage(model: OmgLlava, cfg: TrainConfig, out: Path, stage: int, start: dict | None) -> None:
-    minutes = {0: cfg.stage0_minutes, 1: cfg.stage1_minutes, 2: cfg.stage2_minutes, 3: cfg.stage3_minutes}[stage]
-    total = {0: cfg.stage0_steps, 1: cfg.stage1_steps, 2: cfg.stage2_steps, 3: cfg.stage3_steps}[stage]
-    lr = {0: cfg.stage0_lr, 1: cfg.stage1_lr, 2: cfg.stage2_lr, 3: cfg.stage3_lr}[stage]
+    minutes, total, lr = (getattr(cfg, f"stage{stage}_{name}") for name in ("minutes", "steps", "lr"))
     model.requires_grad_(False)
     params = perception_parameters(model) if stage == 0 else llm_side_parameters(model, with_llm=stage >= 2)
     for p in params:
@@ -498,10 +496,8 @@ def run_stage(model: OmgLlava, cfg: TrainConfig, out: Path, stage: int, start: d
             stats = stage0_step(model, batch, cfg, semantic)
         elif stage == 1:
             stats = stage1_step(model, rng, cfg)
-        elif stage == 2:
-            stats = stage2_step(model, rng, cfg)
         else:
-            stats = stage2_step(model, rng, cfg, cfg.stage3_task_weights)
+            stats = stage2_step(model, rng, cfg, cfg.stage3_task_weights if stage == 3 else None)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
