@@ -165,3 +165,117 @@ def test_answer_loss_weighs_each_answer_equally():
     assert torch.isclose(trainer.answer_loss(torch.cat([logits, torch.zeros(1, 6, vocab)]), padded), sample)
     with pytest.raises(ValueError, match="text_loss"):
         trainer.answer_loss(logits, labels, "mean")
+
+
+def test_answer_loss_with_several_answers_per_row_matches_one_answer_per_row():
+    """Turns packed into one row (numbered by `groups`) weigh as they would in rows of their own."""
+    vocab = 7
+    torch.manual_seed(0)
+    logits = torch.randn(1, 8, vocab)
+    labels = torch.full((1, 8), -100)
+    groups = torch.full((1, 8), -1)
+    labels[0, 1], groups[0, 1] = 3, 0  # a one-token answer
+    labels[0, 4:8], groups[0, 4:8] = torch.tensor([1, 2, 5, 6]), 1  # a four-token answer
+    packed = trainer.answer_loss(logits, labels, "sample", groups)
+    split_labels = torch.full((2, 8), -100)
+    split_labels[0, 1] = 3
+    split_labels[1, 4:8] = torch.tensor([1, 2, 5, 6])
+    split = trainer.answer_loss(logits.expand(2, -1, -1), split_labels, "sample")
+    assert torch.isclose(packed, split, atol=1e-5)
+    # Without groups the row is one answer: the long answer's tokens then outweigh the short one.
+    assert not torch.isclose(trainer.answer_loss(logits, labels, "sample"), packed)
+
+
+def _mixed_scene(model, tasks=("referring_segmentation", "region_caption", "grounded_caption", "counting")):
+    """One scene and a question of each task about it, perceived."""
+    from omg_llava_ros.toyworld import sample_conversation
+
+    rng = np.random.default_rng(11)
+    rendered = data.random_scene(rng, 256)
+    while len(rendered.objects) < 3:
+        rendered = data.random_scene(rng, 256)
+    samples = [sample_conversation(rng, rendered, task, ref_mode="any") for task in tasks]
+    return samples, trainer.perceive_batch(model, [rendered.image])
+
+
+def test_questions_about_a_scene_share_the_image_and_see_nothing_of_each_other(perception_setup):
+    _, model = perception_setup
+    samples, vb = _mixed_scene(model)
+    tok, tokens = model.tokenizer, model.tokens
+    with torch.no_grad():
+        packed = trainer.build_sequence(model, vb, 0, samples)
+        alone = [trainer.build_sequence(model, vb, 0, s) for s in samples]
+        hidden, labels, groups = trainer.run_llm(model, [packed, *alone])
+    n_prefix = int((packed.segments == -1).sum())
+    assert packed.embeds.shape[0] == n_prefix + sum(a.embeds.shape[0] - n_prefix for a in alone)
+    # Each question's hidden states, labels and [SEG] positions are those of its sequence alone
+    # (a shorter row of the same padded batch): the packing changes the cost, not the loss.
+    for k, single in enumerate(alone):
+        where = torch.nonzero(packed.segments == k).flatten()
+        n = single.embeds.shape[0]
+        assert torch.equal(packed.positions[where], torch.arange(n_prefix, n))
+        assert torch.allclose(hidden[0, where], hidden[1 + k, n_prefix:n], atol=1e-4)
+        assert torch.equal(labels[0, where - 1], single.labels[n_prefix - 1 : n - 1])
+        expected = tok.encode(samples[k].answer, add_special_tokens=False) + [tokens.im_end]
+        assert packed.labels[packed.answer_index == k].tolist() == expected
+        offset = int(where[0]) - n_prefix
+        assert [p for p, a in zip(packed.seg_positions, packed.seg_answer, strict=True) if a == k] == [
+            p + offset for p in single.seg_positions
+        ]
+    assert torch.allclose(hidden[0, :n_prefix], hidden[1, :n_prefix], atol=1e-4)
+    assert set(packed.answer_index[packed.labels == -100].tolist()) == {-1}
+    assert len(packed.seg_positions) == len(packed.target_masks) == sum(len(s.target_masks) for s in samples) > 1
+    for p, k in zip(packed.seg_positions, packed.seg_answer, strict=True):
+        assert packed.labels[p - 1] == tokens.seg and packed.answer_index[p - 1] == k
+    # The per-answer loss of the packed row equals that of the separate rows.
+    logits = model.llm.get_output_embeddings()(hidden).float()
+    assert torch.isclose(
+        trainer.answer_loss(logits[:1], labels[:1], "sample", groups[:1]),
+        trainer.answer_loss(logits[1:], labels[1:], "sample", groups[1:]),
+        atol=1e-4,
+    )
+
+
+def test_pack_turns_keeps_order_and_the_text_budget(perception_setup):
+    _, model = perception_setup
+    samples, _ = _mixed_scene(model, ("caption", "grounded_caption", "counting", "existence", "caption", "attribute"))
+    keys = list(range(len(samples)))
+    sizes = [len(model.tokenizer.encode(s.question + s.answer)) for s in samples]
+    groups = trainer.pack_turns(model, samples, keys, budget=3 * max(sizes) + 20)
+    assert [k for g in groups for k in g] == keys
+    assert 1 < len(groups) < len(samples)
+    assert trainer.pack_turns(model, samples, keys, budget=10_000) == [keys]
+    assert trainer.pack_turns(model, samples, keys, budget=1) == [[k] for k in keys]
+
+
+def test_stage2_step_trains_the_llm_side_on_packed_conversations(perception_setup):
+    cfg, model = perception_setup
+    cfg = trainer.replace(cfg, stage2_batch=6, conversations_per_scene=3, max_text_tokens=120)
+    model.requires_grad_(False)  # as run_stage does: the perception module stays frozen
+    params = trainer.llm_side_parameters(model, with_llm=True)
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        mix = {"referring_segmentation": 1.0, "caption": 1.0}
+        stats = trainer.stage2_step(model, np.random.default_rng(2), cfg, mix)
+        assert set(stats) == {"loss", "ce", "seg", "follow"}
+        assert all(np.isfinite(v) for v in stats.values()) and stats["ce"] > 0 and stats["seg"] > 0
+        assert model.llm.get_input_embeddings().weight.grad is not None
+        assert all(p.grad is None for p in model.omg_decoder.parameters())
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.requires_grad_(False)
+
+
+def test_questions_are_planned_per_scene_within_the_text_budget(perception_setup):
+    _, model = perception_setup
+    batch = data.conversation_batch(np.random.default_rng(6), 24, 64, per_scene=8)
+    _, scene_of = data.scene_index(batch)
+    chunks = trainer.plan_conversations(model, batch, scene_of, trainer.TrainConfig(max_text_tokens=10_000))
+    assert [rows for _, rows in chunks] == [list(range(8)), list(range(8, 16)), list(range(16, 24))]
+    assert [scene for scene, _ in chunks] == [0, 1, 2]
+    split = trainer.plan_conversations(model, batch, scene_of, trainer.TrainConfig(max_text_tokens=60))
+    assert len(split) > 3
+    assert sorted(i for _, rows in split for i in rows) == list(range(24))
+    for scene, rows in split:
+        assert {scene_of[i] for i in rows} == {scene}
