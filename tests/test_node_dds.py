@@ -265,7 +265,10 @@ def test_node_end_to_end_over_dds(dds_env, tmp_path):
         assert pose.pose.position.z == pytest.approx(0.9)
 
         # Bad input over the wire: short image data, an undecodable payload, non-UTF-8 command.
+        # Each report is awaited before the next sample: images are a keep-last queue, and a bad
+        # frame overwritten by the next one before the node read it is never reported (a CI flake).
         send_frame(sec + 3, data=b"\x00" * 10)
+        assert wait_for(lambda: "data too short" in _log_text(log, tail=None), timeout=15), _log_text(log)
         from cyclonedds._clayer import ddspy_write
 
         # Cyclone itself drops CDR that does not fit the type; valid CDR with a non-UTF-8 string
@@ -275,6 +278,8 @@ def test_node_end_to_end_over_dds(dds_env, tmp_path):
         fields = {"header": header_fields((sec + 4, 0), "cam"), "height": 1, "width": 1, "encoding": "rgbX"}
         raw = RosbagsMessages(peer.store).serialize(IMAGE, {**fields, "step": 3, "data": np.zeros(3, np.uint8)})
         assert ddspy_write(image_w._ref, raw.replace(b"rgbX\x00", b"rgb\xff\x00")) >= 0
+        undecodable = "undecodable sensor_msgs/msg/Image"
+        assert wait_for(lambda: undecodable in _log_text(log, tail=None), timeout=15), _log_text(log)
         bad_text = b"segment the \xff cup\x00"
         raw = b"\x00\x01\x00\x00" + len(bad_text).to_bytes(4, "little") + bad_text
         assert ddspy_write(command_w._ref, raw.ljust((len(raw) + 3) & ~3, b"\0")) >= 0
