@@ -485,14 +485,17 @@ def moved_copy(rng, rendered, steps: int):
 
 
 def pack_turns(model: OmgLlava, samples, keys: list, budget: int) -> list[list]:
-    """Split one scene's questions into conversations of at most `budget` text tokens each (the
-    image tokens come on top), keeping their order; returns `keys` grouped the same way."""
+    """Split one scene's questions into rows of at most `budget` text tokens each (the image tokens
+    come on top), keeping their order; returns `keys` grouped the same way. A budget of 0 or less
+    gives one row per question without tokenizing anything (the default recipe)."""
+    if budget <= 0:
+        return [[key] for key in keys]
     tok = model.tokenizer
     groups: list[list] = []
-    used = budget
+    used = 0
     for key, sample in zip(keys, samples, strict=True):
         n = len(tok.encode(user_block(sample.question) + sample.answer, add_special_tokens=False)) + 2
-        if used + n > budget and (not groups or groups[-1]):
+        if not groups or used + n > budget:
             groups.append([])
             used = 0
         groups[-1].append(key)
