@@ -147,6 +147,32 @@ def test_conversation_batch_follows_the_task_weights():
     assert min(mix.values()) > 0
 
 
+def test_training_existence_questions_are_balanced_correct_and_often_confusable():
+    rng = np.random.default_rng(5)
+    batch = data.conversation_batch(rng, 300, 64, weights={"existence": 1.0})
+    answers, confusable = [], 0
+    for c in batch:
+        _, _, _, color, shape = c.sample.question.rstrip("?").split()
+        on_table = any((o.color, o.shape) == (color, shape) for o in c.rendered.objects)
+        # The answer is the world's: yes exactly when such an object is on the table.
+        assert c.sample.answer == ("yes." if on_table else "no.")
+        answers.append(on_table)
+        confusable += (color, shape) in data.confusable_pairs(c.rendered)
+    assert 0.4 < np.mean(answers) < 0.6
+    # Uniformly drawn absent pairs are rarely confusable; about half of the negatives here are.
+    assert confusable > 0.15 * len(batch)
+
+
+def test_confusable_pairs_mix_colours_and_shapes_of_different_objects():
+    batch = data.conversation_batch(np.random.default_rng(6), 40, 64, weights={"existence": 1.0})
+    for c in batch:
+        present = {(o.color, o.shape) for o in c.rendered.objects}
+        for color, shape in data.confusable_pairs(c.rendered):
+            assert (color, shape) not in present
+            assert any(o.color == color for o in c.rendered.objects)
+            assert any(o.shape == shape for o in c.rendered.objects)
+
+
 def test_answer_loss_weighs_each_answer_equally():
     """A one-token answer counts as much as a long one with "sample", by its token count with "token"."""
     vocab = 5
