@@ -43,32 +43,31 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrainConfig:
     """Each stage runs a fixed number of steps (the learning-rate schedule follows them), with a
-    wall-clock cap in minutes as a safety net. On the 2-core CPU the defaults took 65 + 3 + 55 + 20
-    minutes with one LLM row per question (2026-11-27; stage 0 with other work running beside it);
-    packed (`build_sequence`) a stage-2 step takes 0.53 s instead of 0.75-0.83 s and stage 3 took
-    14.3 minutes."""
+    wall-clock cap in minutes as a safety net. On the 2-core CPU the defaults took 65 (stage 0,
+    v1/v3, with other work running beside it) + 3 + 94 + 19 minutes (stages 1-3 of v5, 2026-11-28):
+    a stage-2 step of 48 questions, 8 about each scene packed on one row per scene, took 1.1-1.3 s."""
 
     out_dir: str = "runs/embedded"
     seed: int = 0
     stage0_steps: int = 5400
     stage1_steps: int = 250
-    stage2_steps: int = 3500
-    stage3_steps: int = 1500
+    stage2_steps: int = 4500
+    stage3_steps: int = 1000
     stage0_minutes: float = 120.0
     stage1_minutes: float = 15.0
-    stage2_minutes: float = 120.0
+    stage2_minutes: float = 150.0
     stage3_minutes: float = 40.0
     stage0_batch: int = 8
     stage1_batch: int = 16
-    stage2_batch: int = 32
+    stage2_batch: int = 48
     # Stage 2 asks several questions about each scene: its perception pass (frozen, no gradient)
     # took half of a step's time with one question per scene. `max_text_tokens` > 0 puts them on
     # one LLM row: one copy of the image tokens, each question masked from the others
-    # (`build_sequence`), at most that many text tokens a row; a step then took 0.53 s instead of
-    # 0.75-0.83 s at the same loss. Off by default until measured over a whole run: v3's stage 3
-    # rerun packed gave referring cIoU 0.76 against 0.81 and 0.80 for two runs unpacked.
-    conversations_per_scene: int = 4
-    max_text_tokens: int = 0
+    # (`build_sequence`), at most that many text tokens a row (0: one row per question, v3's path).
+    # v3 (4 a scene, 32 a step, unpacked, 3500 + 1500 steps) against v5 (these defaults): counting
+    # 0.56 -> 0.77, region captions by box / mask 0.57 / 0.70 -> 0.75 / 0.93, captions 0.60 -> 0.52.
+    conversations_per_scene: int = 8
+    max_text_tokens: int = 320
     stage0_lr: float = 3e-4
     stage1_lr: float = 1e-3
     stage2_lr: float = 5e-4
