@@ -173,15 +173,25 @@ def sample_attribute(
     return Sample("attribute", ATTRIBUTE_TEMPLATES[attr].format(ref=ref), f"{value}.", [], [], [t])
 
 
-def sample_existence(rng: np.random.Generator, rendered: RenderedScene) -> Sample:
-    """`Is there a {color} {shape}?`, half of the time about a pair present in the scene."""
+def existence_pairs(rendered: RenderedScene) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """The (colour, shape) pairs on the table and those of the world that are not, both sorted."""
     present = sorted({(o.color, o.shape) for o in rendered.objects})
     absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
-    pool = present if (rng.random() < 0.5 or not absent) else absent
-    color, shape = pool[int(rng.integers(len(pool)))]
+    return present, absent
+
+
+def existence_sample(rendered: RenderedScene, color: str, shape: str) -> Sample:
+    """`Is there a {color} {shape}?` about `rendered`, with the world's answer."""
     ids = [i for i, o in enumerate(rendered.objects) if (o.color, o.shape) == (color, shape)]
     question = EXISTENCE_TEMPLATE.format(article=article(color), color=color, shape=shape)
     return Sample("existence", question, "yes." if ids else "no.", [], [], ids)
+
+
+def sample_existence(rng: np.random.Generator, rendered: RenderedScene) -> Sample:
+    """`Is there a {color} {shape}?`, half of the time about a pair present in the scene."""
+    present, absent = existence_pairs(rendered)
+    pool = present if (rng.random() < 0.5 or not absent) else absent
+    return existence_sample(rendered, *pool[int(rng.integers(len(pool)))])
 
 
 def sample_caption(rng: np.random.Generator, rendered: RenderedScene) -> Sample:
