@@ -158,6 +158,9 @@ class OmgLlavaConfig:
     object_token_grid: str = "tokens"
     # Half size, in model-input pixels, of the box a point prompt becomes (official: ±3 px).
     point_box_half_size: float = 3.0
+    # Point and box prompts on an object the panoptic pass found become that object's mask prompt
+    # (`prompt_snapping`; ours, not the official model's behaviour).
+    snap_prompts: bool = False
     max_new_tokens: int = 256
     system_prompt: str = ""
 
@@ -309,6 +312,9 @@ def embedded() -> OmgLlavaConfig:
         # Token centres lie 32 px apart, and a small object (12 px radius) often covers none of
         # them: selected on the token grid, it would reach the LLM as no object token at all.
         object_token_grid="merged",
+        # Its decoder finds an object from a point prompt poorly (mask IoU 0.36; a box 0.65, a mask
+        # 0.86), while its panoptic masks are good: see `prompt_snapping`.
+        snap_prompts=True,
     )
 
 

@@ -45,6 +45,7 @@ from omg_llava_ros.model.pixel_shuffle import pixel_shuffle
 from omg_llava_ros.model.preprocessing import ImagePreprocessor, Letterbox, check_image
 from omg_llava_ros.model.projectors import TextProjector, VisualProjector
 from omg_llava_ros.model.prompt_encoder import EncodedPrompt, PromptEncoder
+from omg_llava_ros.model.prompt_snapping import snap_prompts
 
 log = logging.getLogger(__name__)
 
@@ -450,12 +451,21 @@ class OmgLlava(nn.Module):
         if not prompts:
             return None
         encoded = [p.to_model(state.letterbox) for p in prompts]
+        if self.config.snap_prompts and state.prior is not None:
+            encoded = snap_prompts(encoded, self.found_object_logits(state), self.config.image_encoder.image_size)
         pe = self.prompt_encoder
         q, pos = pe.queries(encoded)
         constraints = pe.constraints(encoded, state.memory.level_shapes)
         out = self.vision.decode(q, pos, state.memory, constraints)
         tokens = torch.cat([out.query, pos], dim=-1)[:, 0]
         return self.visual_projector.object_tokens(tokens)
+
+    def found_object_logits(self, state: ImageState) -> torch.Tensor:
+        """(n, h, w) mask logits of the things among the image's object tokens (the panoptic pass)."""
+        index = state.prior.object_indices[0]
+        labels = state.perception.class_logits[0, index, :-1].argmax(-1)
+        things = index[labels < self.config.decoder.num_thing_classes]
+        return state.perception.mask_logits[-1][0, things]
 
     # -- masks ----------------------------------------------------------------------------------
     def _decode_segs(self, seg_hidden: torch.Tensor, state: ImageState, phrases: list[str | None]) -> list[Segment]:
