@@ -104,7 +104,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from omg_llava_ros.training.trainer import TrainConfig, train
 
     logging.getLogger().setLevel(logging.INFO)
-    steps = {f"stage{i}_steps": getattr(args, f"stage{i}_steps") for i in range(4)}
+    steps = {f"stage{i}_steps": getattr(args, f"stage{i}_steps") for i in range(5)}
     cfg = TrainConfig(
         out_dir=args.out,
         seed=args.seed,
@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--stage1-steps", type=int, default=None, help="default: TrainConfig's")
     tr.add_argument("--stage2-steps", type=int, default=None, help="default: TrainConfig's")
     tr.add_argument("--stage3-steps", type=int, default=None, help="default: TrainConfig's")
-    tr.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
+    tr.add_argument("--stage4-steps", type=int, default=None, help="default: TrainConfig's")
+    tr.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     tr.add_argument("--no-prior", action="store_true", help="ablation: zero the perception-prior embedding")
     tr.add_argument("--perception-from", default=None, help="reuse a trained stage-0 checkpoint folder")
     tr.set_defaults(func=cmd_train)

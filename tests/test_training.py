@@ -173,6 +173,41 @@ def test_confusable_pairs_mix_colours_and_shapes_of_different_objects():
             assert any(o.shape == shape for o in c.rendered.objects)
 
 
+def test_stage4_existence_negatives_are_mostly_colour_only_or_confusable():
+    """Stage 4's "no" questions: about 40% a colour on the table with a shape that is not, 40%
+    confusable, the rest uniform; the answers stay the world's."""
+    negatives = trainer.TrainConfig().stage4_existence
+    rng = np.random.default_rng(7)
+    batch = data.conversation_batch(rng, 400, 64, weights={"existence": 1.0}, negatives=negatives)
+    kinds = {"colour_only": 0, "confusable": 0, "other": 0}
+    for c in batch:
+        _, _, _, color, shape = c.sample.question.rstrip("?").split()
+        colors = {o.color for o in c.rendered.objects}
+        shapes = {o.shape for o in c.rendered.objects}
+        if c.sample.answer == "yes.":
+            assert (color, shape) in {(o.color, o.shape) for o in c.rendered.objects}
+            continue
+        assert (color, shape) not in {(o.color, o.shape) for o in c.rendered.objects}
+        if (color, shape) in data.colour_only_pairs(c.rendered):
+            assert color in colors and shape not in shapes
+            kinds["colour_only"] += 1
+        elif (color, shape) in data.confusable_pairs(c.rendered):
+            kinds["confusable"] += 1
+        else:
+            kinds["other"] += 1
+    no = sum(kinds.values())
+    assert 0.4 < no / len(batch) < 0.6
+    assert kinds["colour_only"] > 0.3 * no and kinds["confusable"] > 0.25 * no
+    # The default (stages 2-3) never asks for colour-only pairs on purpose: far fewer come uniformly.
+    default = data.conversation_batch(np.random.default_rng(7), 400, 64, weights={"existence": 1.0})
+    colour_only = sum(
+        c.sample.answer == "no."
+        and tuple(c.sample.question.rstrip("?").split()[3:]) in data.colour_only_pairs(c.rendered)
+        for c in default
+    )
+    assert colour_only < kinds["colour_only"] / 2
+
+
 def test_answer_loss_weighs_each_answer_equally():
     """A one-token answer counts as much as a long one with "sample", by its token count with "token"."""
     vocab = 5

@@ -133,6 +133,17 @@ TASK_WEIGHTS = {
 HARD_NEGATIVE_SHARE = 0.5
 
 
+@dataclass(frozen=True)
+class ExistenceNegatives:
+    """Shares of the "no" existence questions (training only) by kind of absent pair; the rest are
+    drawn uniformly from all absent pairs. confusable: its colour and its shape both on the table,
+    on different objects; colour_only: its colour on the table, its shape nowhere (v5 answered
+    "yes." to all of those: it judged existence by the colour)."""
+
+    confusable: float = HARD_NEGATIVE_SHARE
+    colour_only: float = 0.0
+
+
 def confusable_pairs(rendered: RenderedScene) -> list[tuple[str, str]]:
     """Absent (colour, shape) pairs whose colour and shape each appear in the scene."""
     present, absent = existence_pairs(rendered)
@@ -141,23 +152,42 @@ def confusable_pairs(rendered: RenderedScene) -> list[tuple[str, str]]:
     return sorted((c, s) for c, s in absent if c in colors and s in shapes)
 
 
-def sample_training_existence(rng: np.random.Generator, rendered: RenderedScene) -> Sample:
-    """Half the questions about a pair on the table (as toyworld), `HARD_NEGATIVE_SHARE` of the
-    others about a confusable pair, the rest about any absent pair."""
+def colour_only_pairs(rendered: RenderedScene) -> list[tuple[str, str]]:
+    """Absent (colour, shape) pairs whose colour is in the scene and whose shape is not."""
     present, absent = existence_pairs(rendered)
-    confusable = confusable_pairs(rendered)
+    colors = {c for c, _ in present}
+    shapes = {s for _, s in present}
+    return sorted((c, s) for c, s in absent if c in colors and s not in shapes)
+
+
+def sample_training_existence(
+    rng: np.random.Generator, rendered: RenderedScene, negatives: ExistenceNegatives = ExistenceNegatives()
+) -> Sample:
+    """Half the questions about a pair on the table (as toyworld), the others about an absent pair
+    of the kinds and shares of `negatives` (a kind the scene cannot give falls back to uniform)."""
+    present, absent = existence_pairs(rendered)
     if rng.random() < 0.5 or not absent:
         pool = present
     else:
-        pool = confusable if confusable and rng.random() < HARD_NEGATIVE_SHARE else absent
+        u = rng.random()
+        confusable = confusable_pairs(rendered)
+        colour_only = colour_only_pairs(rendered)
+        if confusable and u < negatives.confusable:
+            pool = confusable
+        elif colour_only and negatives.confusable <= u < negatives.confusable + negatives.colour_only:
+            pool = colour_only
+        else:
+            pool = absent
     return existence_sample(rendered, *pool[int(rng.integers(len(pool)))])
 
 
-def sample_training_conversation(rng: np.random.Generator, rendered: RenderedScene, task: str) -> Sample:
+def sample_training_conversation(
+    rng: np.random.Generator, rendered: RenderedScene, task: str, negatives: ExistenceNegatives = ExistenceNegatives()
+) -> Sample:
     """toyworld's sampler, with hard negatives for existence; the answers keep the world's contract,
     only the question distribution changes."""
     if task == "existence":
-        return sample_training_existence(rng, rendered)
+        return sample_training_existence(rng, rendered, negatives)
     return sample_conversation(rng, rendered, task, ref_mode="any" if rng.random() < 0.5 else "shortest")
 
 
@@ -168,10 +198,12 @@ def conversation_batch(
     tasks: tuple[str, ...] | None = None,
     per_scene: int = 1,
     weights: dict[str, float] | None = None,
+    negatives: ExistenceNegatives = ExistenceNegatives(),
 ) -> list[ConversationSample]:
     """`batch` conversations, `per_scene` consecutive ones about the same scene (each its own task):
     the frozen perception pass then runs once per scene, and it costs more than the LLM's. Tasks are
-    drawn by `weights` (default TASK_WEIGHTS), restricted to `tasks` when given."""
+    drawn by `weights` (default TASK_WEIGHTS), restricted to `tasks` when given; existence questions
+    have the "no" kinds of `negatives`."""
     table = TASK_WEIGHTS if weights is None else weights
     names = tasks or tuple(table)
     probs = np.asarray([table[t] for t in names], dtype=float)
@@ -181,7 +213,7 @@ def conversation_batch(
         if i % per_scene == 0:
             rendered = random_scene(rng, size)
         task = names[int(rng.choice(len(names), p=probs / probs.sum()))]
-        sample = sample_training_conversation(rng, rendered, task)
+        sample = sample_training_conversation(rng, rendered, task, negatives)
         out.append(ConversationSample(rendered.image, sample, rendered))
     return out
 
