@@ -319,13 +319,91 @@ def test_stage2_step_trains_the_llm_side_on_packed_conversations(perception_setu
     try:
         mix = {"referring_segmentation": 1.0, "caption": 1.0}
         stats = trainer.stage2_step(model, np.random.default_rng(2), cfg, mix)
-        assert set(stats) == {"loss", "ce", "seg", "follow"}
+        assert set(stats) == {"loss", "ce", "seg", "follow", "align"} and stats["align"] == 0
         assert all(np.isfinite(v) for v in stats.values()) and stats["ce"] > 0 and stats["seg"] > 0
         assert model.llm.get_input_embeddings().weight.grad is not None
         assert all(p.grad is None for p in model.omg_decoder.parameters())
     finally:
         model.zero_grad(set_to_none=True)
         model.requires_grad_(False)
+
+
+def test_stage2_step_with_word_alignment_trains_the_object_tokens(perception_setup, monkeypatch):
+    cfg, model = perception_setup
+    # The test model's perception is untrained and covers no object: label every token "circle, red".
+    monkeypatch.setattr(
+        trainer, "object_attribute_labels", lambda masks, _: (torch.zeros(len(masks), dtype=torch.long),) * 2
+    )
+    cfg = trainer.replace(cfg, stage2_batch=4, conversations_per_scene=2, max_text_tokens=120)
+    model.requires_grad_(False)
+    for p in trainer.llm_side_parameters(model, with_llm=True):
+        p.requires_grad_(True)
+    try:
+        stats = trainer.stage2_step(model, np.random.default_rng(2), cfg, {"counting": 1.0}, align_weight=0.5)
+        assert stats["align"] > 0
+        assert np.isclose(stats["loss"], stats["ce"] + stats["seg"] + 0.5 * stats["follow"] + 0.5 * stats["align"])
+        # The loss reaches the object projector and the first LLM layer, not the frozen decoder.
+        assert any(p.grad is not None for p in model.visual_projector.parameters())
+        assert model.llm.base_model.layers[0].self_attn.q_proj.weight.grad is not None
+        assert all(p.grad is None for p in model.omg_decoder.parameters())
+        # With a learned head (align_target "head") the head trains too.
+        model.zero_grad(set_to_none=True)
+        head = trainer.AttributeHead(model.config.language_model.hidden_size)
+        stats = trainer.stage2_step(model, np.random.default_rng(2), cfg, {"counting": 1.0}, None, 0.5, head)
+        assert stats["align"] > 0 and head.shape.weight.grad is not None and head.colour.weight.grad is not None
+        assert any(p.grad is not None for p in model.visual_projector.parameters())
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.requires_grad_(False)
+
+
+def test_object_positions_are_where_the_object_tokens_sit():
+    from omg_llava_ros import OmgLlava
+
+    model = OmgLlava.from_pretrained()  # trained perception: the scene's objects become object tokens
+    samples, vb = _mixed_scene(model)
+    with torch.no_grad():
+        seq = trainer.build_sequence(model, vb, 0, samples)
+        objects = model.visual_projector.object_tokens(vb.prior.object_tokens[0])
+    assert len(seq.object_positions) == len(objects) > 0
+    assert torch.allclose(seq.embeds[seq.object_positions], objects, atol=1e-5)
+
+
+def test_object_attribute_labels_follow_the_token_masks():
+    from omg_llava_ros.toyworld import COLORS, SHAPES
+
+    rng = np.random.default_rng(21)
+    rendered = data.random_scene(rng, 256)
+    while len(rendered.objects) < 3:
+        rendered = data.random_scene(rng, 256)
+    gt = trainer.resize_masks(np.stack([o.mask for o in rendered.objects]), (64, 64)) >= 0.5
+    order = [2, 0, 1]
+    logits = torch.where(gt[order], 5.0, -5.0)
+    logits = torch.cat([logits, torch.full((1, 64, 64), -5.0)])  # a token on nothing
+    shapes, colours = trainer.object_attribute_labels(logits, rendered)
+    objects = [rendered.objects[k] for k in order]
+    assert shapes.tolist() == [SHAPES.index(o.shape) for o in objects] + [-100]
+    assert colours.tolist() == [list(COLORS).index(o.color) for o in objects] + [-100]
+
+
+def test_word_alignment_loss_is_lowest_at_the_named_words(perception_setup):
+    _, model = perception_setup
+    words = ["circle", "square", "triangle", "star", "cross"]
+    ids = torch.tensor([model.tokenizer.encode(" " + w, add_special_tokens=False)[0] for w in words])
+    states = model.llm.get_input_embeddings().weight[ids].detach()
+    right = torch.arange(5)
+    assert trainer.word_alignment_loss(model, states, right, words) < trainer.word_alignment_loss(
+        model, states, right.roll(1), words
+    )
+    # Tokens on nothing (-100) are ignored; with none left the loss is zero, not NaN.
+    ignored = torch.tensor([0, -100, -100, -100, -100])
+    assert torch.isclose(
+        trainer.word_alignment_loss(model, states, ignored, words),
+        trainer.word_alignment_loss(model, states[:1], right[:1], words),
+    )
+    assert float(trainer.word_alignment_loss(model, states, torch.full((5,), -100), words)) == 0.0
+    with pytest.raises(ValueError, match="one token"):
+        trainer.word_alignment_loss(model, states, right, ["circle", "square", "triangle", "star", "red circle"])
 
 
 def test_questions_are_planned_per_scene_within_the_text_budget(perception_setup):
