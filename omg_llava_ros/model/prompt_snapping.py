@@ -37,6 +37,14 @@ def object_masks(mask_logits: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(mask_logits[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
 
 
+def mask_box(mask: torch.Tensor) -> tuple[float, float, float, float] | None:
+    """(x0, y0, x1, y1) of a (size, size) bool mask, end exclusive; None when empty."""
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    if len(xs) == 0:
+        return None
+    return float(xs.min()), float(ys.min()), float(xs.max()) + 1, float(ys.max()) + 1
+
+
 def snap_prompts(prompts: list[EncodedPrompt], mask_logits: torch.Tensor, size: int) -> list[EncodedPrompt]:
     """prompts in model-input pixels; mask_logits (n, h, w) of the objects the perception found (things
     only) → the prompts, each point or box on one of them replaced by that object's mask prompt."""
@@ -44,11 +52,7 @@ def snap_prompts(prompts: list[EncodedPrompt], mask_logits: torch.Tensor, size: 
         return list(prompts)
     logits = object_masks(mask_logits, size)
     masks = logits >= 0
-    boxes = []
-    for m in masks:
-        ys, xs = torch.nonzero(m, as_tuple=True)
-        empty = len(xs) == 0
-        boxes.append(None if empty else (float(xs.min()), float(ys.min()), float(xs.max()) + 1, float(ys.max()) + 1))
+    boxes = [mask_box(m) for m in masks] if any(p.kind == "box" for p in prompts) else []
     out = []
     for p in prompts:
         k = None

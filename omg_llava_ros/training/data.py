@@ -144,20 +144,22 @@ class ExistenceNegatives:
     colour_only: float = 0.0
 
 
-def confusable_pairs(rendered: RenderedScene) -> list[tuple[str, str]]:
-    """Absent (colour, shape) pairs whose colour and shape each appear in the scene."""
+def _absent_pairs_of_present_colours(rendered: RenderedScene, shape_on_table: bool) -> list[tuple[str, str]]:
+    """Absent (colour, shape) pairs whose colour is in the scene and whose shape is (or is not)."""
     present, absent = existence_pairs(rendered)
     colors = {c for c, _ in present}
     shapes = {s for _, s in present}
-    return sorted((c, s) for c, s in absent if c in colors and s in shapes)
+    return sorted((c, s) for c, s in absent if c in colors and (s in shapes) == shape_on_table)
+
+
+def confusable_pairs(rendered: RenderedScene) -> list[tuple[str, str]]:
+    """Absent (colour, shape) pairs whose colour and shape each appear in the scene."""
+    return _absent_pairs_of_present_colours(rendered, shape_on_table=True)
 
 
 def colour_only_pairs(rendered: RenderedScene) -> list[tuple[str, str]]:
     """Absent (colour, shape) pairs whose colour is in the scene and whose shape is not."""
-    present, absent = existence_pairs(rendered)
-    colors = {c for c, _ in present}
-    shapes = {s for _, s in present}
-    return sorted((c, s) for c, s in absent if c in colors and s not in shapes)
+    return _absent_pairs_of_present_colours(rendered, shape_on_table=False)
 
 
 def sample_training_existence(

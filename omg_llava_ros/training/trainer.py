@@ -492,7 +492,7 @@ def object_attribute_labels(object_masks: torch.Tensor, rendered) -> tuple[torch
     gt = resize_masks(np.stack([o.mask for o in rendered.objects]), tuple(pred.shape[-2:])) >= 0.5
     inter = (pred[:, None] & gt[None]).flatten(2).sum(-1).float()
     union = (pred[:, None] | gt[None]).flatten(2).sum(-1).float()
-    best, which = (inter / union.clamp(min=1)).max(1) if len(gt) else (torch.zeros(len(pred)), None)
+    best, which = (inter / union.clamp(min=1)).max(1)  # a scene has at least one object
     shapes = torch.tensor([SHAPES.index(o.shape) for o in rendered.objects], dtype=torch.long)[which]
     colours = torch.tensor([list(COLORS).index(o.color) for o in rendered.objects], dtype=torch.long)[which]
     shapes[best <= 0.5] = -100
@@ -699,6 +699,7 @@ def run_stage(model: OmgLlava, cfg: TrainConfig, out: Path, stage: int, start: d
         dcfg = model.config.decoder
         semantic = SemanticHead(dcfg.hidden_dim, dcfg.num_classes)
         params = params + list(semantic.parameters())
+    aux = semantic if semantic is not None else attributes  # saved and resumed with the checkpoints
     model.train()
     if stage > 0:
         model.image_encoder.eval()
@@ -715,7 +716,6 @@ def run_stage(model: OmgLlava, cfg: TrainConfig, out: Path, stage: int, start: d
     ckpt = out / f"stage{stage}"
     if start and start["stage"] == stage:
         step, spent = start["step"], start["spent"]
-        aux = semantic or attributes
         if aux is not None and (ckpt / "aux.safetensors").is_file():
             from safetensors.torch import load_file
 
@@ -754,9 +754,9 @@ def run_stage(model: OmgLlava, cfg: TrainConfig, out: Path, stage: int, start: d
             with (out / "log.jsonl").open("a") as f:
                 f.write(json.dumps({"stage": stage, "step": step, "minutes": clock.spent / 60, **mean}) + "\n")
         if time.monotonic() - last_save > cfg.checkpoint_minutes * 60:
-            save_checkpoint(ckpt, model, opt, stage, step, clock.spent, semantic or attributes)
+            save_checkpoint(ckpt, model, opt, stage, step, clock.spent, aux)
             last_save = time.monotonic()
-    save_checkpoint(ckpt, model, opt, stage, step, clock.spent, semantic or attributes)
+    save_checkpoint(ckpt, model, opt, stage, step, clock.spent, aux)
     (ckpt / "DONE").write_text(json.dumps({"steps": step, "minutes": clock.spent / 60}))
     log.info("stage %d done: %d steps in %.1f min", stage, step, clock.spent / 60)
     model.eval()
