@@ -418,3 +418,40 @@ def test_questions_are_planned_per_scene_within_the_text_budget(perception_setup
     assert sorted(i for _, rows in split for i in rows) == list(range(24))
     for scene, rows in split:
         assert {scene_of[i] for i in rows} == {scene}
+
+
+def test_seg_loss_decodes_each_seg_alone_whatever_the_grouping(perception_setup):
+    """[SEG]s are decoded per image as one batch over that image's memory; each must come out as if
+    it were decoded alone over its own copy of the memory (the training mask loss of inference)."""
+    from types import SimpleNamespace
+
+    from omg_llava_ros.training.losses import mask_loss, resize_masks
+
+    _, model = perception_setup
+    rng = np.random.default_rng(5)
+    scenes = [data.random_scene(rng, 256) for _ in range(3)]
+    memory = trainer.encode_batch(model, [r.image for r in scenes])
+    hidden = torch.randn(3, 6, model.config.language_model.hidden_size, requires_grad=True)
+    # The rows' [SEG]s lie on images 2, 0, 0 and 0: the loss takes them in row order, the decoder
+    # groups them by image.
+    masks = [r.objects[0].mask for r in scenes] + [scenes[0].objects[-1].mask]
+    seqs = [
+        SimpleNamespace(seg_positions=[1], target_masks=[masks[2]], image_index=2),
+        SimpleNamespace(seg_positions=[2, 4], target_masks=[masks[0], masks[3]], image_index=0),
+        SimpleNamespace(seg_positions=[5], target_masks=[masks[3]], image_index=0),
+    ]
+    loss, (q, pos) = trainer.seg_loss(model, memory, seqs, hidden)
+    (grad,) = torch.autograd.grad(loss, hidden, retain_graph=True)
+
+    size = tuple(memory.mask_features.shape[-2:])
+    alone = []
+    pairs = [(s.image_index, m) for s in seqs for m in s.target_masks]  # the order of q and pos
+    for j, (image, mask) in enumerate(pairs):
+        mem = trainer.select_memory(memory, torch.tensor([image]))
+        out = model.omg_decoder.decode(q[j : j + 1, None], pos[j : j + 1, None], mem)
+        gt = resize_masks(mask[None], size).flatten(1)
+        alone.append(mask_loss(out.mask_logits, gt) / len(out.mask_logits))
+    reference = torch.stack(alone).mean()
+    assert torch.isclose(loss, reference, atol=1e-5)
+    (ref_grad,) = torch.autograd.grad(reference, hidden)
+    assert torch.allclose(grad, ref_grad, atol=1e-6) and grad.abs().sum() > 0

@@ -138,6 +138,13 @@ def select_memory(memory: DecoderMemory, index: torch.Tensor) -> DecoderMemory:
     return replace(memory, mask_features=memory.mask_features[index], memories=[m[index] for m in memory.memories])
 
 
+def image_memory(memory: DecoderMemory, i: int) -> DecoderMemory:
+    """Image i's memory as a batch of one (views, no copy)."""
+    return replace(
+        memory, mask_features=memory.mask_features[i : i + 1], memories=[m[i : i + 1] for m in memory.memories]
+    )
+
+
 def pixels_of(model: OmgLlava, images: list[np.ndarray]) -> torch.Tensor:
     return torch.cat([model.preprocess(img)[0] for img in images])
 
@@ -304,6 +311,12 @@ class VisualBatch:
 
 
 @torch.no_grad()
+def encode_batch(model: OmgLlava, images: list[np.ndarray]) -> DecoderMemory:
+    """The frozen decoder memory of `images`, without the panoptic pass (what follow frames need)."""
+    return model.omg_decoder.encode_memory(model.image_encoder(pixels_of(model, images)))
+
+
+@torch.no_grad()
 def perceive_batch(model: OmgLlava, images: list[np.ndarray]) -> VisualBatch:
     enc, dec = model.image_encoder, model.omg_decoder
     pixels = pixels_of(model, images)
@@ -331,9 +344,7 @@ def prompt_queries(model: OmgLlava, memory: DecoderMemory, i: int, prompts) -> t
     encoded = [to_encoded(p) for p in prompts]
     pe = model.prompt_encoder
     q, pos = pe.queries(encoded)
-    out = model.omg_decoder.decode(
-        q, pos, select_memory(memory, torch.tensor([i])), pe.constraints(encoded, memory.level_shapes)
-    )
+    out = model.omg_decoder.decode(q, pos, image_memory(memory, i), pe.constraints(encoded, memory.level_shapes))
     return torch.cat([out.query, pos], dim=-1)[:, 0]
 
 
@@ -464,8 +475,9 @@ def answer_loss(
     return (sums[has] / counts[has]).mean()
 
 
-def seg_loss(model: OmgLlava, vb: VisualBatch, seqs: list[Sequence_], hidden: torch.Tensor):
-    """BCE + Dice over all decoder predictions for every `[SEG]` of `seqs` (rows of `hidden`)."""
+def seg_loss(model: OmgLlava, memory: DecoderMemory, seqs: list[Sequence_], hidden: torch.Tensor):
+    """BCE + Dice over all decoder predictions for every `[SEG]` of `seqs` (rows of `hidden`), their
+    images' decoder memory `memory`."""
     states, index, targets = [], [], []
     for b, s in enumerate(seqs):
         for pos, mask in zip(s.seg_positions, s.target_masks, strict=True):
@@ -475,11 +487,21 @@ def seg_loss(model: OmgLlava, vb: VisualBatch, seqs: list[Sequence_], hidden: to
     if not states:
         return hidden.new_zeros(()), None
     q, pos = model.text_projector(torch.stack(states))
-    memory = vb.memory
     size = tuple(memory.mask_features.shape[-2:])
-    out = model.omg_decoder.decode(q[:, None], pos[:, None], select_memory(memory, torch.tensor(index)))
-    gt = resize_masks(np.stack(targets), size).flatten(1)
-    return mask_loss(out.mask_logits, gt) / len(out.mask_logits), (q, pos)
+    # One decoder pass per image, its [SEG] queries as a batch over that image's memory (batch 1,
+    # broadcast): the memory's keys and values are projected once per image, not once per [SEG].
+    # A query decodes alone either way (batch rows do not attend to each other).
+    index_t = torch.tensor(index)
+    order, per_image = [], []
+    for image in sorted(set(index)):
+        rows = torch.nonzero(index_t == image).flatten()
+        order.append(rows)
+        per_image.append(
+            model.omg_decoder.decode(q[rows, None], pos[rows, None], image_memory(memory, image)).mask_logits
+        )
+    mask_logits = [torch.cat(layer) for layer in zip(*per_image, strict=True)]  # rows in `order`
+    gt = resize_masks(np.stack(targets), size).flatten(1)[torch.cat(order)]
+    return mask_loss(mask_logits, gt) / len(mask_logits), (q, pos)
 
 
 @torch.no_grad()
@@ -657,7 +679,7 @@ def stage2_step(
             hidden, labels, groups = run_llm(model, seqs)
         logits = model.llm.get_output_embeddings()(hidden).float()
         ce = answer_loss(logits, labels, cfg.text_loss, groups)
-        loss_seg, _ = seg_loss(model, vb, seqs, hidden)
+        loss_seg, _ = seg_loss(model, vb.memory, seqs, hidden)
         loss_align = hidden.new_zeros((), dtype=torch.float32)
         if align_weight > 0:
             loss_align = object_alignment_loss(model, vb, seqs, chunks, batch, early, attributes)
@@ -677,8 +699,7 @@ def stage2_step(
             frows.append(row)
             fimages.append(moved.image)
         if fseqs:
-            fb = perceive_batch(model, fimages)
-            loss_follow, _ = seg_loss(model, fb, fseqs, hidden[torch.tensor(frows)])
+            loss_follow, _ = seg_loss(model, encode_batch(model, fimages), fseqs, hidden[torch.tensor(frows)])
         loss = ce + loss_seg + 0.5 * loss_follow + align_weight * loss_align
     loss.backward()
     return scalars(loss=loss, ce=ce, seg=loss_seg, follow=loss_follow, align=loss_align)
