@@ -268,7 +268,7 @@ def embedded() -> OmgLlavaConfig:
     pixel shuffle: object tokens carry no position (as in the official model), so where things are
     comes from the pixel tokens, and 4×4 cells of 64 px are too coarse to order objects left to right;
     OMG decoder hidden 128, 16 queries, 6 layers; classes: the 30 colour-shape pairs (things) and
-    `table` (stuff); a 4-layer Llama-style LLM of hidden 256 trained from scratch.
+    `table` (stuff); a 6-layer Llama-style LLM of hidden 256 trained from scratch.
     """
     things = tuple(f"{c} {s}" for c in TOYWORLD_COLORS for s in TOYWORLD_SHAPES)
     return OmgLlavaConfig(
@@ -299,9 +299,11 @@ def embedded() -> OmgLlavaConfig:
         ),
         language_model=LanguageModelConfig(
             hidden_size=256,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=4,
+            # v11: 6 layers of 8 heads (v6: 4 of 4). The 4-layer LLM lost its place in captions
+            # among neighbours of one colour ("a blue cross, a blue cross" for a cross and a star).
+            num_hidden_layers=6,
+            num_attention_heads=8,
+            num_key_value_heads=8,
             intermediate_size=704,
             vocab_size=0,  # set from the tokenizer trained with the model
             max_position_embeddings=512,
