@@ -48,7 +48,8 @@ class TrainConfig:
     wall-clock cap in minutes as a safety net. On the 2-core CPU the defaults took 65 (stage 0,
     v1/v3, with other work running beside it) + 3 + 94 + 19 minutes (stages 1-3 of v5, 2026-11-28)
     + 14 (stage 4 of v6): a stage-2 step of 48 questions, 8 about each scene packed on one row per
-    scene, took 1.1-1.3 s, a stage-4 step about 0.95 s."""
+    scene, took 1.1-1.3 s, a stage-4 step about 0.95 s. With the 6-layer LLM of v11 (and [SEG] masks
+    decoded per image) stage 2 took 100 min (1.25-1.4 s a step) and stage 3 21 min."""
 
     out_dir: str = "runs/embedded"
     seed: int = 0
@@ -134,15 +135,9 @@ def to_encoded(prompt) -> EncodedPrompt:
     return EncodedPrompt("mask", mask=np.asarray(prompt.mask, bool))
 
 
-def select_memory(memory: DecoderMemory, index: torch.Tensor) -> DecoderMemory:
+def select_memory(memory: DecoderMemory, index: torch.Tensor | slice) -> DecoderMemory:
+    """The memory of the images `index` picks: a tensor of indices copies, a slice gives views."""
     return replace(memory, mask_features=memory.mask_features[index], memories=[m[index] for m in memory.memories])
-
-
-def image_memory(memory: DecoderMemory, i: int) -> DecoderMemory:
-    """Image i's memory as a batch of one (views, no copy)."""
-    return replace(
-        memory, mask_features=memory.mask_features[i : i + 1], memories=[m[i : i + 1] for m in memory.memories]
-    )
 
 
 def pixels_of(model: OmgLlava, images: list[np.ndarray]) -> torch.Tensor:
@@ -344,7 +339,9 @@ def prompt_queries(model: OmgLlava, memory: DecoderMemory, i: int, prompts) -> t
     encoded = [to_encoded(p) for p in prompts]
     pe = model.prompt_encoder
     q, pos = pe.queries(encoded)
-    out = model.omg_decoder.decode(q, pos, image_memory(memory, i), pe.constraints(encoded, memory.level_shapes))
+    out = model.omg_decoder.decode(
+        q, pos, select_memory(memory, slice(i, i + 1)), pe.constraints(encoded, memory.level_shapes)
+    )
     return torch.cat([out.query, pos], dim=-1)[:, 0]
 
 
@@ -497,7 +494,9 @@ def seg_loss(model: OmgLlava, memory: DecoderMemory, seqs: list[Sequence_], hidd
         rows = torch.nonzero(index_t == image).flatten()
         order.append(rows)
         per_image.append(
-            model.omg_decoder.decode(q[rows, None], pos[rows, None], image_memory(memory, image)).mask_logits
+            model.omg_decoder.decode(
+                q[rows, None], pos[rows, None], select_memory(memory, slice(image, image + 1))
+            ).mask_logits
         )
     mask_logits = [torch.cat(layer) for layer in zip(*per_image, strict=True)]  # rows in `order`
     gt = resize_masks(np.stack(targets), size).flatten(1)[torch.cat(order)]
