@@ -104,7 +104,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from omg_llava_ros.training.trainer import TrainConfig, train
 
     logging.getLogger().setLevel(logging.INFO)
-    steps = {f"stage{i}_steps": getattr(args, f"stage{i}_steps") for i in range(5)}
+    steps = {f"stage{i}_steps": getattr(args, f"stage{i}_steps") for i in range(6)}
     cfg = TrainConfig(
         out_dir=args.out,
         seed=args.seed,
@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--stage2-steps", type=int, default=None, help="default: TrainConfig's")
     tr.add_argument("--stage3-steps", type=int, default=None, help="default: TrainConfig's")
     tr.add_argument("--stage4-steps", type=int, default=None, help="default: TrainConfig's")
-    tr.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    tr.add_argument("--stage5-steps", type=int, default=None, help="default: TrainConfig's")
+    tr.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
     tr.add_argument("--no-prior", action="store_true", help="ablation: zero the perception-prior embedding")
     tr.add_argument("--perception-from", default=None, help="reuse a trained stage-0 checkpoint folder")
     tr.set_defaults(func=cmd_train)

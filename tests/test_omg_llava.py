@@ -205,3 +205,20 @@ def test_official_7b_builds_on_meta_with_the_released_shapes():
         for k, v in official["projectors"].items()
     }
     assert {k: list(sd[k].shape) for k in projector} == projector
+
+
+def test_panoptic_winners_give_an_object_its_edge_before_the_table():
+    from omg_llava_ros.model.omg_llava import panoptic_winners
+
+    # Pixel 0: object only; pixel 1: the object's edge (object 0.6, confident table 0.9); pixel 2: table.
+    probs = torch.tensor([[[0.95, 0.6, 0.1]], [[0.2, 0.9, 0.99]]])  # (2 segments, 1, 3)
+    scores = torch.tensor([0.8, 1.0])[:, None, None]
+    is_thing = torch.tensor([True, False])
+    winner = panoptic_winners(scores * probs, is_thing, probs >= 0.5)
+    assert winner.tolist() == [[0, 0, 1]]
+    # Mask2Former's rule would give the edge to the table.
+    assert (scores * probs).argmax(0).tolist() == [[0, 1, 1]]
+    # Between two objects the weighted probability still decides.
+    probs = torch.tensor([[[0.7, 0.55]], [[0.6, 0.9]]])
+    both = torch.tensor([True, True])
+    assert panoptic_winners(probs, both, probs >= 0.5).tolist() == [[0, 1]]

@@ -455,3 +455,20 @@ def test_seg_loss_decodes_each_seg_alone_whatever_the_grouping(perception_setup)
     assert torch.isclose(loss, reference, atol=1e-5)
     (ref_grad,) = torch.autograd.grad(reference, hidden)
     assert torch.allclose(grad, ref_grad, atol=1e-6) and grad.abs().sum() > 0
+
+
+def test_a_step_with_a_non_finite_gradient_is_skipped(tmp_path, monkeypatch):
+    cfg = trainer.TrainConfig(out_dir=str(tmp_path), stage1_steps=2, bf16=False, threads=1)
+    model = trainer.build_model(cfg, tmp_path)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def poisoned_step(model, rng, cfg):
+        for p in trainer.llm_side_parameters(model, with_llm=False):
+            p.grad = torch.full_like(p, float("nan"))
+        return {"loss": float("nan")}
+
+    monkeypatch.setattr(trainer, "stage1_step", poisoned_step)
+    trainer.run_stage(model, cfg, tmp_path, 1, None)
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())  # no NaN reached the weights
+    assert json.loads((tmp_path / "stage1" / "DONE").read_text())["steps"] == 2

@@ -39,6 +39,7 @@ from omg_llava_ros.model.language_model import (
     special_token_ids,
     train_tokenizer,
 )
+from omg_llava_ros.model.mask_refiner import MaskRefiner
 from omg_llava_ros.model.omg_decoder import DecoderMemory, DecoderOutput, OmgDecoder
 from omg_llava_ros.model.perception_prior import PerceptionPrior, perception_prior
 from omg_llava_ros.model.pixel_shuffle import pixel_shuffle
@@ -165,6 +166,7 @@ class ImageState:
     perception: DecoderOutput | None = None
     prior: PerceptionPrior | None = None
     visual_tokens: torch.Tensor | None = None
+    refiner_features: torch.Tensor | None = None  # (1, C, S, S), where the model has a mask refiner
 
 
 # -- the vision backend seam ---------------------------------------------------------------------
@@ -214,6 +216,11 @@ class OmgLlava(nn.Module):
             self.omg_decoder = OmgDecoder(config.decoder, config.image_encoder.dims)
             self.visual_projector = VisualProjector(config)
             self.text_projector = TextProjector(config)
+            channels = config.mask_refiner_channels
+            # Its initialisation draws from a forked random stream: every other module starts as
+            # it would without a refiner.
+            with torch.random.fork_rng(devices=[]):
+                self.mask_refiner = MaskRefiner(channels) if channels else None
         self.llm = llm if llm is not None else build_language_model(config.language_model, device=device)
         self.tokenizer = tokenizer
         self.tokens: SpecialTokenIds | None = special_token_ids(tokenizer) if tokenizer is not None else None
@@ -326,6 +333,8 @@ class OmgLlava(nn.Module):
             pixels, box = self.preprocess(image)
             last_stage, memory = self.vision.encode(pixels)
             state = ImageState(key, box, last_stage, memory)
+            if self.mask_refiner is not None:
+                state.refiner_features = self.mask_refiner.image_features(pixels.to(self.device))
             self._cache = state
         if perception and state.perception is None:
             self._perceive_state(state)
@@ -479,13 +488,20 @@ class OmgLlava(nn.Module):
             seg.phrase = phrase
         return segments
 
+    def _logits_to_image(self, logits: torch.Tensor, state: ImageState) -> torch.Tensor:
+        """Decoder mask logits (N, h, w) → (N, H, W) at the input size, refined first where the model
+        has a mask refiner."""
+        if self.mask_refiner is not None and len(logits):
+            logits = self.mask_refiner(logits, state.refiner_features)
+        return state.letterbox.logits_to_image(logits)
+
     def _masks_for_queries(self, queries: torch.Tensor, state: ImageState) -> list[Segment]:
         """(N, 2, C) independent single queries → Segments at the input size."""
         # [SEG] and follow queries use the decoder copy of finetuned_refseg/gcg where the model has one
         # (the flag is passed only then, so backends without a copy keep their signature).
         extra = {"seg_decoder": True} if self.config.decoder.llm_decoder_copy else {}
         out = self.vision.decode(queries[:, None, 0], queries[:, None, 1], state.memory, **extra)
-        logits = state.letterbox.logits_to_image(out.mask_logits[-1][:, 0])
+        logits = self._logits_to_image(out.mask_logits[-1][:, 0], state)
         segments = []
         for i in range(len(queries)):
             segments.append(Segment(None, *_mask_and_score(logits[i]), query=queries[i].detach().cpu()))
@@ -519,10 +535,9 @@ class OmgLlava(nn.Module):
         idx = torch.nonzero(keep).flatten()
         if len(idx) == 0:
             return []
-        logits = state.letterbox.logits_to_image(out.mask_logits[-1][0, idx])
+        logits = self._logits_to_image(out.mask_logits[-1][0, idx], state)
         masks = logits.sigmoid()
-        weighted = scores[idx, None, None] * masks
-        winner = weighted.argmax(0)
+        winner = panoptic_winners(scores[idx, None, None] * masks, labels[idx] < cfg.num_thing_classes, masks >= 0.5)
         names = cfg.class_names
         pos = self.omg_decoder.query_embed.weight
         segments: list[Segment] = []
@@ -545,6 +560,19 @@ class OmgLlava(nn.Module):
             if label >= cfg.num_thing_classes:
                 stuff[label] = len(segments) - 1
         return segments
+
+
+def panoptic_winners(weighted: torch.Tensor, is_thing: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) score-weighted mask probabilities, (N,) thing flags, (N, H, W) masks → (H, W) the
+    segment each pixel goes to (Mask2Former: the argmax of the weighted probabilities).
+
+    Ours: things claim their pixels before stuff does. Objects stand on the table, and at an
+    object's edge the confident table query outbid it, so every object lost a 1-2 px ring (v11:
+    mean IoU 0.82 of the panoptic masks against 0.88 of the same queries' own masks).
+    """
+    thing_weighted = weighted.masked_fill(~is_thing[:, None, None], -1.0)
+    claimed = (inside & is_thing[:, None, None]).any(0)
+    return torch.where(claimed, thing_weighted.argmax(0), weighted.argmax(0))
 
 
 def _mask_and_score(logits: torch.Tensor) -> tuple[np.ndarray, float]:

@@ -11,6 +11,9 @@ Stage 2  instruction tuning of projectors + LLM (trained fully: ours starts from
 Stage 3  (ours) stage 2 again, briefly, weighted to counting and existence.
 Stage 4  (ours) stage 3 again, briefly, its existence "no" questions mostly about a colour that is
          on the table with a shape that is not, or a colour and a shape on different objects.
+Stage 5  (ours) the mask refiner (`mask_refiner`) alone, everything else frozen: the decoder's
+         panoptic and visual-prompt masks, refined, against the full-resolution ground truth. It
+         depends on the perception module only, so it can run any time after stage 0.
 Each stage runs a fixed number of steps, checkpoints every few minutes and resumes from its last
 checkpoint; `train()` picks up where an interrupted run stopped.
 """
@@ -32,12 +35,21 @@ import torch.nn.functional as F
 from omg_llava_ros.model.chat_template import Turn, first_user_text, user_block
 from omg_llava_ros.model.config import OmgLlavaConfig, get_config
 from omg_llava_ros.model.language_model import add_special_tokens, train_tokenizer
+from omg_llava_ros.model.mask_refiner import FLOOR_LOGIT, MARGIN
 from omg_llava_ros.model.omg_decoder import DecoderMemory
 from omg_llava_ros.model.omg_llava import IMAGE_PLACEHOLDER, OmgLlava
 from omg_llava_ros.model.pixel_shuffle import pixel_shuffle
 from omg_llava_ros.model.prompt_encoder import EncodedPrompt
 from omg_llava_ros.training import data
-from omg_llava_ros.training.losses import mask_loss, resize_masks, set_criterion
+from omg_llava_ros.training.losses import (
+    SET_BCE_WEIGHT,
+    SET_DICE_WEIGHT,
+    dice_loss,
+    hungarian_match,
+    mask_loss,
+    resize_masks,
+    set_criterion,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +70,18 @@ class TrainConfig:
     stage2_steps: int = 4500
     stage3_steps: int = 1000
     stage4_steps: int = 900
+    stage5_steps: int = 600
     stage0_minutes: float = 120.0
     stage1_minutes: float = 15.0
     stage2_minutes: float = 150.0
     stage3_minutes: float = 40.0
     stage4_minutes: float = 30.0
+    stage5_minutes: float = 20.0
     stage0_batch: int = 8
     stage1_batch: int = 16
     stage2_batch: int = 48
+    stage5_batch: int = 8
+    stage5_crop: int = 96
     # Stage 2 asks several questions about each scene: its perception pass (frozen, no gradient)
     # took half of a step's time with one question per scene. `max_text_tokens` > 0 puts them on
     # one LLM row: one copy of the image tokens, each question masked from the others
@@ -79,6 +95,7 @@ class TrainConfig:
     stage2_lr: float = 5e-4
     stage3_lr: float = 3e-4
     stage4_lr: float = 2e-4
+    stage5_lr: float = 1e-3
     # Stage 3 (ours; the paper has two): stage 2 again, briefly, with most questions on counting and
     # existence. After stage 2 the LLM still answered "yes." and "one." whatever the scene: judging
     # that nothing (or how many) of the object tokens match needs more such questions than the
@@ -119,7 +136,7 @@ class TrainConfig:
     text_loss: str = "sample"
     bf16: bool = True
     threads: int = 2
-    stages: tuple[int, ...] = (0, 1, 2, 3, 4)
+    stages: tuple[int, ...] = (0, 1, 2, 3, 4, 5)
     perception_from: str | None = None  # reuse a trained stage-0 checkpoint (for the ablation)
     extra: dict = field(default_factory=dict)
 
@@ -704,11 +721,109 @@ def stage2_step(
     return scalars(loss=loss, ce=ce, seg=loss_seg, follow=loss_follow, align=loss_align)
 
 
+# -- stage 5: the mask refiner ---------------------------------------------------------------------
+def refiner_parameters(model: OmgLlava) -> list[torch.nn.Parameter]:
+    if model.mask_refiner is None:
+        raise ValueError("stage 5 trains the mask refiner, and this model's config has none")
+    return list(model.mask_refiner.parameters())
+
+
+@torch.no_grad()
+def decoded_masks(model: OmgLlava, batch: data.PerceptionBatch, pixels: torch.Tensor):
+    """The frozen decoder's masks of a perception batch, as the refiner meets them: the panoptic
+    queries matched to the ground truth (objects and table) and the visual prompts. Returns, per image,
+    (mask logits (n, h, w), ground truth (n, S, S) float)."""
+    dec = model.omg_decoder
+    memory = dec.encode_memory(model.image_encoder(pixels))
+    q, pos = dec.panoptic_queries(len(batch.images))
+    out = dec.decode(q, pos, memory, with_class=True)
+    size = tuple(memory.mask_features.shape[-2:])
+    per_image = []
+    for i, t in enumerate(batch.targets):
+        logits = out.mask_logits[-1][i].float()
+        qi, ti = hungarian_match(
+            out.class_logits[i], logits.flatten(1), torch.as_tensor(t.labels), resize_masks(t.masks, size).flatten(1)
+        )
+        per_image.append([logits[qi], torch.as_tensor(t.masks[ti.numpy()], dtype=torch.float32)])
+    if batch.prompts:
+        prompts = [to_encoded(p.prompt) for p in batch.prompts]
+        index = torch.tensor([p.image_index for p in batch.prompts])
+        pq, ppos = model.prompt_encoder.queries(prompts)
+        constraints = model.prompt_encoder.constraints(prompts, memory.level_shapes)
+        pout = dec.decode(pq, ppos, select_memory(memory, index), constraints)
+        for k, p in enumerate(batch.prompts):
+            entry = per_image[p.image_index]
+            entry[0] = torch.cat([entry[0], pout.mask_logits[-1][k, :1].float()])
+            entry[1] = torch.cat([entry[1], torch.as_tensor(p.mask, dtype=torch.float32)[None]])
+    return per_image
+
+
+def refiner_crops(
+    refiner, logits: torch.Tensor, features: torch.Tensor, gt: torch.Tensor, max_side: int, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One image's masks through the refiner on the crops it would see at inference (the mask's box
+    with the head's context), each cut to at most `max_side`² at a random place (the head is local, so
+    a window of a large mask such as the table trains it as the whole would). Returns the flattened
+    (upsampled, refined, ground truth) pixels of all crops."""
+    side = features.shape[-1]
+    up = F.interpolate(logits[:, None], size=(side, side), mode="bilinear", align_corners=False)[:, 0]
+    ups, outs, gts = [], [], []
+    for i in range(len(up)):
+        rows, cols = torch.nonzero((up[i] > FLOOR_LOGIT) | (gt[i] > 0.5), as_tuple=True)
+        if len(rows) == 0:
+            continue
+        box = []
+        for lo, hi in ((int(rows.min()), int(rows.max())), (int(cols.min()), int(cols.max()))):
+            lo, hi = max(lo - MARGIN, 0), min(hi + MARGIN + 1, side)
+            if hi - lo > max_side:
+                lo = int(rng.integers(lo, hi - max_side + 1))
+                hi = lo + max_side
+            box.append((lo, hi))
+        (t, b), (left, r) = box
+        crop = up[i : i + 1, t:b, left:r]
+        ups.append(crop.flatten())
+        outs.append(refiner.correct(crop, features[:, :, t:b, left:r]).float().flatten())
+        gts.append(gt[i, t:b, left:r].flatten())
+    return torch.cat(ups), torch.cat(outs), torch.cat(gts)
+
+
+def stage5_step(
+    model: OmgLlava, batch: data.PerceptionBatch, cfg: TrainConfig, rng: np.random.Generator
+) -> dict[str, float]:
+    """BCE + Dice of the refined masks against the full-resolution ground truth, on the crops the
+    refiner works on; the crops' IoUs before and after refinement are logged."""
+    pixels = pixels_of(model, batch.images)
+    per_image = decoded_masks(model, batch, pixels)
+    refiner = model.mask_refiner
+    bce, dice, before, after = [], [], [], []
+    with autocast(cfg):
+        features = refiner.image_features(pixels)
+        for i, (logits, gt) in enumerate(per_image):
+            up, out, target = refiner_crops(refiner, logits, features[i : i + 1], gt, cfg.stage5_crop, rng)
+            bce.append(F.binary_cross_entropy_with_logits(out, target))
+            dice.append(dice_loss(out[None], target[None])[0])
+            before.append(binary_iou(up > 0, target > 0.5))
+            after.append(binary_iou(out.detach() > 0, target > 0.5))
+    loss = torch.stack(bce).mean() * SET_BCE_WEIGHT + torch.stack(dice).mean() * SET_DICE_WEIGHT
+    loss.backward()
+    return scalars(loss=loss, iou_before=torch.stack(before).mean(), iou_after=torch.stack(after).mean())
+
+
+def binary_iou(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    union = (pred | gt).sum()
+    return (pred & gt).sum() / union if union else torch.ones(())
+
+
 # -- the loop --------------------------------------------------------------------------------------
 def run_stage(model: OmgLlava, cfg: TrainConfig, out: Path, stage: int, start: dict | None) -> None:
     minutes, total, lr = (getattr(cfg, f"stage{stage}_{name}") for name in ("minutes", "steps", "lr"))
     model.requires_grad_(False)
-    params = perception_parameters(model) if stage == 0 else llm_side_parameters(model, with_llm=stage >= 2)
+    if stage == 0:
+        params = perception_parameters(model)
+    elif stage == 5:
+        params = refiner_parameters(model)
+    else:
+        params = llm_side_parameters(model, with_llm=stage >= 2)
     for p in params:
         p.requires_grad_(True)
     semantic = attributes = None
@@ -724,6 +839,9 @@ def run_stage(model: OmgLlava, cfg: TrainConfig, out: Path, stage: int, start: d
     if stage > 0:
         model.image_encoder.eval()
         model.omg_decoder.eval()
+    if stage == 5:
+        model.eval()
+        model.mask_refiner.train()
     # Weight decay on matrices and kernels only: decaying norms, biases and layer scales pulls the
     # residual blocks back towards zero.
     decay = 0.05 if stage == 0 else 0.0
@@ -759,17 +877,26 @@ def run_stage(model: OmgLlava, cfg: TrainConfig, out: Path, stage: int, start: d
             stats = stage2_step(model, rng, cfg)
         elif stage == 3:
             stats = stage2_step(model, rng, cfg, cfg.stage3_task_weights)
+        elif stage == 5:
+            batch = data.perception_batch(rng, cfg.stage5_batch, 256, cls_names, cfg.prompts_per_image)
+            stats = stage5_step(model, batch, cfg, rng)
         else:
             stats = stage2_step(
                 model, rng, cfg, cfg.stage4_task_weights, cfg.stage4_existence, cfg.stage4_align_weight, attributes
             )
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if torch.isfinite(norm):
+            opt.step()
+        else:
+            # One non-finite gradient would turn every weight into NaN (v12's stage 5 at step ~490).
+            log.warning("stage %d step %d: non-finite gradient norm, step skipped", stage, step)
+            stats = {**stats, "skipped": 1.0}
         opt.zero_grad(set_to_none=True)
         step += 1
         history.append(stats)
         if step % 25 == 0:
-            mean = {k: round(float(np.mean([h[k] for h in history[-25:]])), 4) for k in stats}
+            recent = history[-25:]
+            mean = {k: round(float(np.mean([h.get(k, 0.0) for h in recent])), 4) for k in set().union(*recent)}
             log.info("stage %d step %d %.1f min %s", stage, step, clock.spent / 60, mean)
             with (out / "log.jsonl").open("a") as f:
                 f.write(json.dumps({"stage": stage, "step": step, "minutes": clock.spent / 60, **mean}) + "\n")
