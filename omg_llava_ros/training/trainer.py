@@ -61,7 +61,8 @@ class TrainConfig:
     v1/v3, with other work running beside it) + 3 + 94 + 19 minutes (stages 1-3 of v5, 2026-11-28)
     + 14 (stage 4 of v6): a stage-2 step of 48 questions, 8 about each scene packed on one row per
     scene, took 1.1-1.3 s, a stage-4 step about 0.95 s. With the 6-layer LLM of v11 (and [SEG] masks
-    decoded per image) stage 2 took 100 min (1.25-1.4 s a step) and stage 3 21 min."""
+    decoded per image) stage 2 took 100 min (1.25-1.4 s a step) and stage 3 21 min; v12's stage 4
+    30 min (2 s a step) and stage 5 8 min (0.75 s a step)."""
 
     out_dir: str = "runs/embedded"
     seed: int = 0
@@ -282,6 +283,15 @@ def semantic_loss(logits: torch.Tensor, targets: torch.Tensor, background_weight
     return (ce * weight).sum() / weight.sum()
 
 
+def decode_prompt_targets(model: OmgLlava, memory: DecoderMemory, targets: list[data.PromptTarget]):
+    """The decoder's output for each visual prompt of a perception batch, over its image's memory."""
+    prompts = [to_encoded(p.prompt) for p in targets]
+    index = torch.tensor([p.image_index for p in targets])
+    pq, ppos = model.prompt_encoder.queries(prompts)
+    constraints = model.prompt_encoder.constraints(prompts, memory.level_shapes)
+    return model.omg_decoder.decode(pq, ppos, select_memory(memory, index), constraints)
+
+
 def stage0_step(
     model: OmgLlava, batch: data.PerceptionBatch, cfg: TrainConfig, semantic: SemanticHead | None = None
 ) -> dict[str, float]:
@@ -299,11 +309,7 @@ def stage0_step(
             sem_targets = semantic_targets(targets, model.config.decoder.num_classes)
             loss_sem = semantic_loss(semantic(memory.mask_features), sem_targets)
 
-        prompts = [to_encoded(p.prompt) for p in batch.prompts]
-        index = torch.tensor([p.image_index for p in batch.prompts])
-        pq, ppos = model.prompt_encoder.queries(prompts)
-        constraints = model.prompt_encoder.constraints(prompts, memory.level_shapes)
-        pout = dec.decode(pq, ppos, select_memory(memory, index), constraints)
+        pout = decode_prompt_targets(model, memory, batch.prompts)
         gt = resize_masks(np.stack([p.mask for p in batch.prompts]), size).flatten(1)
         loss_prompt = mask_loss(pout.mask_logits, gt) / len(pout.mask_logits)
         loss = loss_set + cfg.prompt_weight * loss_prompt + cfg.semantic_weight * loss_sem
@@ -746,11 +752,7 @@ def decoded_masks(model: OmgLlava, batch: data.PerceptionBatch, pixels: torch.Te
         )
         per_image.append([logits[qi], torch.as_tensor(t.masks[ti.numpy()], dtype=torch.float32)])
     if batch.prompts:
-        prompts = [to_encoded(p.prompt) for p in batch.prompts]
-        index = torch.tensor([p.image_index for p in batch.prompts])
-        pq, ppos = model.prompt_encoder.queries(prompts)
-        constraints = model.prompt_encoder.constraints(prompts, memory.level_shapes)
-        pout = dec.decode(pq, ppos, select_memory(memory, index), constraints)
+        pout = decode_prompt_targets(model, memory, batch.prompts)
         for k, p in enumerate(batch.prompts):
             entry = per_image[p.image_index]
             entry[0] = torch.cat([entry[0], pout.mask_logits[-1][k, :1].float()])
