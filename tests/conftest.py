@@ -15,3 +15,14 @@ def tiny_model():
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="module")
+def perception_setup(tmp_path_factory):
+    """An untrained embedded-config model for the training steps (one per test module) and its config."""
+    from omg_llava_ros.training import trainer
+
+    cfg = trainer.TrainConfig(out_dir=str(tmp_path_factory.mktemp("train")), bf16=False)
+    torch.manual_seed(0)
+    model = trainer.build_model(cfg, trainer.Path(cfg.out_dir))
+    return cfg, model

@@ -85,16 +85,9 @@ def test_refiner_crops_stay_within_the_crop_size():
     assert len(up) <= 20 * 20 + small
 
 
-@pytest.fixture(scope="module")
-def refiner_setup(tmp_path_factory):
-    cfg = trainer.TrainConfig(out_dir=str(tmp_path_factory.mktemp("train")), bf16=False, stage5_crop=48)
-    torch.manual_seed(0)
-    model = trainer.build_model(cfg, trainer.Path(cfg.out_dir))
-    return cfg, model
-
-
-def test_stage5_trains_the_refiner_and_nothing_else(refiner_setup):
-    cfg, model = refiner_setup
+def test_stage5_trains_the_refiner_and_nothing_else(perception_setup):
+    cfg, model = perception_setup
+    cfg = trainer.replace(cfg, stage5_crop=48)
     rng = np.random.default_rng(5)
     batch = data.perception_batch(rng, 2, 256, model.config.decoder.class_names, prompts_per_image=1)
     params = trainer.refiner_parameters(model)

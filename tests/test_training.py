@@ -77,14 +77,6 @@ def test_semantic_loss_weights_objects_above_the_table():
     assert loss_table > 2 * trainer.semantic_loss(all_table, targets, background_weight=1.0)
 
 
-@pytest.fixture(scope="module")
-def perception_setup(tmp_path_factory):
-    cfg = trainer.TrainConfig(out_dir=str(tmp_path_factory.mktemp("train")), bf16=False)
-    torch.manual_seed(0)
-    model = trainer.build_model(cfg, trainer.Path(cfg.out_dir))
-    return cfg, model
-
-
 def test_stage0_steps_lower_the_loss_on_a_fixed_batch(perception_setup):
     cfg, model = perception_setup
     rng = np.random.default_rng(3)

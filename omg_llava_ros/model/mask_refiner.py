@@ -55,17 +55,32 @@ class MaskRefiner(nn.Module):
         return up + self.head(x.to(features.dtype))[:, 0].to(up.dtype)
 
     def forward(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        side = features.shape[-1]
-        up = F.interpolate(logits[:, None].float(), size=(side, side), mode="bilinear", align_corners=False)[:, 0]
+        up = upsample(logits, features.shape[-1])
         out = up.clone()
         # Each mask is refined only inside its own box (with the head's context around it): objects
         # are small, so this is a fraction of the image.
         for i in range(len(up)):
-            rows, cols = torch.nonzero(up[i] > FLOOR_LOGIT, as_tuple=True)
-            if len(rows) == 0:
+            box = crop_box(up[i] > FLOOR_LOGIT)
+            if box is None:
                 continue
-            top, left = max(int(rows.min()) - MARGIN, 0), max(int(cols.min()) - MARGIN, 0)
-            bottom, right = min(int(rows.max()) + MARGIN + 1, side), min(int(cols.max()) + MARGIN + 1, side)
+            (top, bottom), (left, right) = box
             crop = up[i : i + 1, top:bottom, left:right]
             out[i, top:bottom, left:right] = self.correct(crop, features[:1, :, top:bottom, left:right])[0]
         return out
+
+
+def upsample(logits: torch.Tensor, side: int) -> torch.Tensor:
+    """(N, h, w) decoder logits → (N, side, side), bilinear."""
+    return F.interpolate(logits[:, None].float(), size=(side, side), mode="bilinear", align_corners=False)[:, 0]
+
+
+def crop_box(region: torch.Tensor) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """The (rows, columns) ranges the refiner works on for a bool (H, W) region: its box widened by
+    the head's context `MARGIN`, clipped to the image; None for an empty region."""
+    rows, cols = torch.nonzero(region, as_tuple=True)
+    if len(rows) == 0:
+        return None
+    return tuple(
+        (max(int(idx.min()) - MARGIN, 0), min(int(idx.max()) + MARGIN + 1, size))
+        for idx, size in ((rows, region.shape[0]), (cols, region.shape[1]))
+    )

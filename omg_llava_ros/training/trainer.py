@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from omg_llava_ros.model.chat_template import Turn, first_user_text, user_block
 from omg_llava_ros.model.config import OmgLlavaConfig, get_config
 from omg_llava_ros.model.language_model import add_special_tokens, train_tokenizer
-from omg_llava_ros.model.mask_refiner import FLOOR_LOGIT, MARGIN
+from omg_llava_ros.model.mask_refiner import FLOOR_LOGIT, crop_box, upsample
 from omg_llava_ros.model.omg_decoder import DecoderMemory
 from omg_llava_ros.model.omg_llava import IMAGE_PLACEHOLDER, OmgLlava
 from omg_llava_ros.model.pixel_shuffle import pixel_shuffle
@@ -767,21 +767,19 @@ def refiner_crops(
     with the head's context), each cut to at most `max_side`² at a random place (the head is local, so
     a window of a large mask such as the table trains it as the whole would). Returns the flattened
     (upsampled, refined, ground truth) pixels of all crops."""
-    side = features.shape[-1]
-    up = F.interpolate(logits[:, None], size=(side, side), mode="bilinear", align_corners=False)[:, 0]
+    up = upsample(logits, features.shape[-1])
     ups, outs, gts = [], [], []
     for i in range(len(up)):
-        rows, cols = torch.nonzero((up[i] > FLOOR_LOGIT) | (gt[i] > 0.5), as_tuple=True)
-        if len(rows) == 0:
+        box = crop_box((up[i] > FLOOR_LOGIT) | (gt[i] > 0.5))
+        if box is None:
             continue
-        box = []
-        for lo, hi in ((int(rows.min()), int(rows.max())), (int(cols.min()), int(cols.max()))):
-            lo, hi = max(lo - MARGIN, 0), min(hi + MARGIN + 1, side)
+        windows = []
+        for lo, hi in box:
             if hi - lo > max_side:
                 lo = int(rng.integers(lo, hi - max_side + 1))
                 hi = lo + max_side
-            box.append((lo, hi))
-        (t, b), (left, r) = box
+            windows.append((lo, hi))
+        (t, b), (left, r) = windows
         crop = up[i : i + 1, t:b, left:r]
         ups.append(crop.flatten())
         outs.append(refiner.correct(crop, features[:, :, t:b, left:r]).float().flatten())
