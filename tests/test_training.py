@@ -115,6 +115,22 @@ def test_stage0_resumes_from_its_checkpoint(tmp_path):
     assert (tmp_path / "stage0" / "model.safetensors").read_bytes() != first
 
 
+def test_stage0_restarts_its_cosine_schedule_once():
+    cfg = trainer.TrainConfig(stage0_steps=1000, stage0_lr=3e-4, stage0_restart=600, stage0_restart_lr=1e-4)
+    first = [trainer.stage_lr(cfg, 0, s) for s in range(600)]
+    second = [trainer.stage_lr(cfg, 0, s) for s in range(600, 1000)]
+    assert max(first) == pytest.approx(3e-4, rel=0.02)
+    assert max(second) == pytest.approx(1e-4, rel=0.02)
+    # Each cycle warms up, then decays to 5% of its own peak by its end.
+    assert second[0] < second[49] and first[-1] == pytest.approx(0.05 * 3e-4, rel=0.05)
+    assert second[-1] == pytest.approx(0.05 * 1e-4, rel=0.05)
+    assert all(a >= b for a, b in zip(second[50:-1], second[51:], strict=True))
+    # A restart at or past the end (e.g. a short `--stage0-steps`) leaves one cycle; other stages have one.
+    short = trainer.TrainConfig(stage0_steps=300, stage0_restart=600)
+    assert trainer.stage_lr(short, 0, 299) == pytest.approx(trainer.cosine_lr(299, 300, short.stage0_lr))
+    assert trainer.stage_lr(cfg, 2, 700) == pytest.approx(trainer.cosine_lr(700, cfg.stage2_steps, cfg.stage2_lr))
+
+
 def test_conversations_share_scenes_and_each_scene_is_perceived_once():
     batch = data.conversation_batch(np.random.default_rng(3), 6, 64, per_scene=4)
     images, scene_of = data.scene_index(batch)
