@@ -64,11 +64,12 @@ class TrainConfig:
     decoded per image) stage 2 took 100 min (1.25-1.4 s a step) and stage 3 21 min; v12's stage 4
     30 min (2 s a step) and stage 5 8 min (0.75 s a step). v13's second stage-0 cycle: 2000 steps in
     38 min (1.15 s a step, nothing beside it); stage 4 again on its perception module 1.6 s a step.
-    v14's third cycle: 1192 steps in 26 min; stage 4 again 28 min (1.85 s a step), stage 5 10 min."""
+    v14's third cycle: 1192 steps in 26 min; stage 4 again 28 min (1.85 s a step), stage 5 10 min.
+    v15's fourth: 1500 steps in 29 min; stage 4 again 22 min, stage 5 10 min."""
 
     out_dir: str = "runs/embedded"
     seed: int = 0
-    stage0_steps: int = 8592
+    stage0_steps: int = 10092
     stage1_steps: int = 250
     stage2_steps: int = 4500
     stage3_steps: int = 1000
@@ -95,11 +96,12 @@ class TrainConfig:
     max_text_tokens: int = 320
     stage0_lr: float = 3e-4
     # Stage 0 restarts its cosine schedule (warm restarts) at each `stage0_restarts` step, from that
-    # restart's learning rate; () gives one cycle. v14's perception module is v1's 5400 steps, then
+    # restart's learning rate; () gives one cycle. v15's perception module is v1's 5400 steps, then
     # a cycle of 2000 at 1.5e-4 (v13: small objects' shapes 0.875 -> 0.957 right, their recall
-    # 0.84 -> 0.87, captions spelled right by `perceive`'s labels 0.63 -> 0.745) and one of 1192 at
-    # 1e-4 (v14: shapes 0.979, recall 0.889, captions from labels 0.78; 200 fresh scenes).
-    stage0_restarts: tuple[tuple[int, float], ...] = ((5400, 1.5e-4), (7400, 1e-4))
+    # 0.84 -> 0.87, captions spelled right by `perceive`'s labels 0.63 -> 0.745), one of 1192 at
+    # 1e-4 (v14: 0.979, 0.889, 0.78) and one of 1500 at 8e-5 (v15: 0.988, 0.898, 0.82; 200 fresh
+    # scenes each).
+    stage0_restarts: tuple[tuple[int, float], ...] = ((5400, 1.5e-4), (7400, 1e-4), (8592, 8e-5))
     stage1_lr: float = 1e-3
     stage2_lr: float = 5e-4
     stage3_lr: float = 3e-4
