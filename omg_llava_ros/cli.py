@@ -111,6 +111,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         perception_prior="none" if args.no_prior else "concat",
         stages=tuple(args.stages),
         perception_from=args.perception_from,
+        bf16=args.bf16,
         **{k: v for k, v in steps.items() if v is not None},  # unset: TrainConfig's defaults
     )
     t0 = time.monotonic()
@@ -163,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
     tr.add_argument("--no-prior", action="store_true", help="ablation: zero the perception-prior embedding")
     tr.add_argument("--perception-from", default=None, help="reuse a trained stage-0 checkpoint folder")
+    tr.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 autocast (default: only where the CPU has native bf16, avx512_bf16 or AMX)",
+    )
     tr.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a model on fresh tabletop scenes (JSON metrics)")

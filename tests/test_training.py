@@ -115,6 +115,18 @@ def test_stage0_resumes_from_its_checkpoint(tmp_path):
     assert (tmp_path / "stage0" / "model.safetensors").read_bytes() != first
 
 
+def test_bf16_autocast_only_where_the_cpu_has_native_bf16_unless_told(monkeypatch):
+    def enabled(cfg: trainer.TrainConfig) -> bool:
+        with trainer.autocast(cfg):
+            return torch.is_autocast_enabled("cpu")
+
+    for native in (False, True):
+        monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda native=native: native)
+        assert enabled(trainer.TrainConfig()) is native  # default: decided by the CPU
+        assert enabled(trainer.TrainConfig(bf16=True)) is True
+        assert enabled(trainer.TrainConfig(bf16=False)) is False
+
+
 def test_stage0_restarts_its_cosine_schedule_at_each_restart():
     cfg = trainer.TrainConfig(stage0_steps=1000, stage0_lr=3e-4, stage0_restarts=((800, 5e-5), (600, 1e-4)))
     first = [trainer.stage_lr(cfg, 0, s) for s in range(600)]
