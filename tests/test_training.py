@@ -234,6 +234,60 @@ def test_stage4_existence_negatives_are_mostly_colour_only_or_confusable():
     assert colour_only < kinds["colour_only"] / 2
 
 
+def test_with_duplicate_makes_two_objects_alike_and_keeps_the_layout():
+    from omg_llava_ros.toyworld import sample_scene
+
+    rng = np.random.default_rng(11)
+    for _ in range(20):
+        scene = sample_scene(rng, num_objects=int(rng.integers(2, 6)))
+        dup = data.with_duplicate(rng, scene)
+        names = [(o.color, o.shape) for o in dup.objects]
+        assert len(set(names)) < len(names)
+        changed = [i for i, (a, b) in enumerate(zip(scene.objects, dup.objects, strict=True)) if a != b]
+        assert len(changed) <= 1
+        for a, b in zip(scene.objects, dup.objects, strict=True):
+            assert (a.center, a.radius, a.size) == (b.center, b.radius, b.size)
+        i = changed[0] if changed else None
+        if i is not None and dup.objects[i].shape == "circle":
+            assert dup.objects[i].rotation == 0.0
+
+
+def test_positional_referring_names_its_target_uniquely_by_position():
+    from omg_llava_ros.toyworld.referring import EXTREMES, all_unique_expressions, shortest_expression
+
+    rng = np.random.default_rng(12)
+    as_evaluated = 0
+    for _ in range(60):
+        rendered = data.random_scene(rng, 64, duplicate=True)
+        s = data.sample_training_conversation(rng, rendered, "referring_position")
+        assert s.task == "referring_segmentation"
+        (t,) = s.object_ids
+        assert np.array_equal(s.target_masks[0], rendered.objects[t].mask)
+        ref = s.answer.removeprefix("<p> ").removesuffix(" </p> [SEG].")
+        assert ref in s.question and ref in all_unique_expressions(rendered, t)
+        if any(f" {e} " in f" {ref} " for e in EXTREMES):
+            as_evaluated += ref == shortest_expression(rendered, t)
+        else:  # no object of the scene has a positional name
+            assert not any(
+                any(e in x for e in EXTREMES)
+                for k in range(len(rendered.objects))
+                for x in all_unique_expressions(rendered, k)
+            )
+    assert as_evaluated >= 5  # some are the expressions evaluation asks (no shorter name)
+
+
+def test_conversation_batch_duplicate_share_sets_how_many_scenes_have_two_alike():
+    def alike(batch):
+        scenes = {id(c.rendered): c.rendered for c in batch}.values()
+        names = [[(o.color, o.shape) for o in r.objects] for r in scenes]
+        return [len(set(n)) < len(n) for n in names if len(n) > 1]
+
+    every = alike(data.conversation_batch(np.random.default_rng(13), 64, 64, per_scene=2, duplicate_share=1.0))
+    assert all(every)
+    natural = alike(data.conversation_batch(np.random.default_rng(13), 64, 64, per_scene=2))
+    assert sum(natural) < len(natural) / 2
+
+
 def test_answer_loss_weighs_each_answer_equally():
     """A one-token answer counts as much as a long one with "sample", by its token count with "token"."""
     vocab = 5

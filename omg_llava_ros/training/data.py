@@ -8,7 +8,7 @@ re-encoding. Ground-truth masks never change.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import cv2
 import numpy as np
@@ -22,7 +22,9 @@ from omg_llava_ros.toyworld import (
     sample_prompt,
     sample_scene,
 )
-from omg_llava_ros.toyworld.conversations import existence_pairs, existence_sample
+from omg_llava_ros.toyworld.conversations import REFERRING_TEMPLATES, SEG_TOKEN, existence_pairs, existence_sample
+from omg_llava_ros.toyworld.referring import enumerate_expressions
+from omg_llava_ros.toyworld.scene import COLOR_JITTER, COLORS, Scene
 
 
 def augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -45,8 +47,27 @@ def augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return img
 
 
-def random_scene(rng: np.random.Generator, size: int, augmented: bool = True) -> RenderedScene:
+def with_duplicate(rng: np.random.Generator, scene: Scene) -> Scene:
+    """`scene` with one object given the colour and shape of another (its own size, place and a
+    fresh colour jitter): two objects alike, which only their positions tell apart. Natural scenes
+    have such a pair about one time in sixteen, and it is where referring fails (form 4, "the
+    topmost square") and where a caption must count two of a kind."""
+    objs = list(scene.objects)
+    if len(objs) < 2:
+        return scene
+    src, dst = (int(i) for i in rng.choice(len(objs), size=2, replace=False))
+    model = objs[src]
+    jitter = rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, size=3)
+    rgb = tuple(int(v) for v in np.clip(np.array(COLORS[model.color]) + jitter, 0, 255))
+    rotation = 0.0 if model.shape == "circle" else (objs[dst].rotation or float(rng.uniform(0.0, 360.0)))
+    objs[dst] = replace(objs[dst], shape=model.shape, color=model.color, rgb=rgb, rotation=rotation)
+    return replace(scene, objects=tuple(objs))
+
+
+def random_scene(rng: np.random.Generator, size: int, augmented: bool = True, duplicate: bool = False) -> RenderedScene:
     scene = sample_scene(rng)
+    if duplicate:
+        scene = with_duplicate(rng, scene)
     mode = ANTIALIAS_MODES[int(rng.integers(len(ANTIALIAS_MODES)))] if augmented else "none"
     rendered = render(scene, size=size, rng=rng, antialias=mode, object_noise=augmented and rng.random() < 0.3)
     if augmented:
@@ -183,13 +204,33 @@ def sample_training_existence(
     return existence_sample(rendered, *pool[int(rng.integers(len(pool)))])
 
 
+def sample_positional_referring(rng: np.random.Generator, rendered: RenderedScene) -> Sample:
+    """A referring-segmentation sample whose expression is positional (form 4, "the leftmost red
+    object"): half the time for an object that has no shorter name (as evaluation asks them),
+    otherwise for any object that has one. Falls back to toyworld's sampler when no object has."""
+    named = [(t, e) for t in range(len(rendered.objects)) for e in enumerate_expressions(rendered, t)]
+    positional = [(t, e) for t, e in named if e.form == 4]
+    shortest = {t: e for t, e in reversed(named)}  # enumerate_expressions lists shortest first
+    hard = [(t, e) for t, e in positional if shortest[t].form == 4 and e.num_words == shortest[t].num_words]
+    pool = hard if hard and rng.random() < 0.5 else positional
+    if not pool:
+        return sample_conversation(rng, rendered, "referring_segmentation", ref_mode="any")
+    t, e = pool[int(rng.integers(len(pool)))]
+    question = REFERRING_TEMPLATES[int(rng.integers(len(REFERRING_TEMPLATES)))].format(ref=e.text)
+    answer = f"<p> {e.text} </p> {SEG_TOKEN}."
+    return Sample("referring_segmentation", question, answer, [rendered.objects[t].mask], [], [t])
+
+
 def sample_training_conversation(
     rng: np.random.Generator, rendered: RenderedScene, task: str, negatives: ExistenceNegatives = ExistenceNegatives()
 ) -> Sample:
     """toyworld's sampler, with hard negatives for existence; the answers keep the world's contract,
-    only the question distribution changes."""
+    only the question distribution changes. The training-only task "referring_position" asks
+    referring segmentation with positional expressions (`sample_positional_referring`)."""
     if task == "existence":
         return sample_training_existence(rng, rendered, negatives)
+    if task == "referring_position":
+        return sample_positional_referring(rng, rendered)
     return sample_conversation(rng, rendered, task, ref_mode="any" if rng.random() < 0.5 else "shortest")
 
 
@@ -201,11 +242,13 @@ def conversation_batch(
     per_scene: int = 1,
     weights: dict[str, float] | None = None,
     negatives: ExistenceNegatives = ExistenceNegatives(),
+    duplicate_share: float = 0.0,
 ) -> list[ConversationSample]:
     """`batch` conversations, `per_scene` consecutive ones about the same scene (each its own task):
     the frozen perception pass then runs once per scene, and it costs more than the LLM's. Tasks are
     drawn by `weights` (default TASK_WEIGHTS), restricted to `tasks` when given; existence questions
-    have the "no" kinds of `negatives`."""
+    have the "no" kinds of `negatives`; `duplicate_share` of the scenes have two objects alike
+    (`with_duplicate`)."""
     table = TASK_WEIGHTS if weights is None else weights
     names = tasks or tuple(table)
     probs = np.asarray([table[t] for t in names], dtype=float)
@@ -213,7 +256,7 @@ def conversation_batch(
     rendered = None
     for i in range(batch):
         if i % per_scene == 0:
-            rendered = random_scene(rng, size)
+            rendered = random_scene(rng, size, duplicate=bool(rng.random() < duplicate_share))
         task = names[int(rng.choice(len(names), p=probs / probs.sum()))]
         sample = sample_training_conversation(rng, rendered, task, negatives)
         out.append(ConversationSample(rendered.image, sample, rendered))

@@ -118,6 +118,9 @@ class TrainConfig:
     # it had learnt to judge by the colour alone. So most "no" questions here cannot be answered so.
     stage4_task_weights: dict = field(default_factory=lambda: {**data.TASK_WEIGHTS, "existence": 6.0})
     stage4_existence: data.ExistenceNegatives = data.ExistenceNegatives(confusable=0.4, colour_only=0.4)
+    # Share of stage-4 scenes with two objects alike (`data.with_duplicate`), where only positions
+    # tell them apart; the task "referring_position" in the weights asks positional expressions.
+    stage4_duplicate_share: float = 0.0
     # Tried in stage 4, off in the recipe (weight 0): an auxiliary loss on the object tokens,
     # `align_layer` decoder layers into the LLM, classifying them by shape and colour
     # (`object_alignment_loss`), against the input embeddings of the shape and colour words
@@ -710,6 +713,7 @@ def stage2_step(
     negatives: data.ExistenceNegatives | None = None,
     align_weight: float = 0.0,
     attributes: AttributeHead | None = None,
+    duplicate_share: float = 0.0,
 ) -> dict[str, float]:
     batch = data.conversation_batch(
         rng,
@@ -718,6 +722,7 @@ def stage2_step(
         per_scene=cfg.conversations_per_scene,
         weights=task_weights,
         negatives=negatives or data.ExistenceNegatives(),
+        duplicate_share=duplicate_share,
     )
     images, scene_of = data.scene_index(batch)
     vb = perceive_batch(model, images)
@@ -917,7 +922,14 @@ def run_stage(model: OmgLlava, cfg: TrainConfig, out: Path, stage: int, start: d
             stats = stage5_step(model, batch, cfg, rng)
         else:
             stats = stage2_step(
-                model, rng, cfg, cfg.stage4_task_weights, cfg.stage4_existence, cfg.stage4_align_weight, attributes
+                model,
+                rng,
+                cfg,
+                cfg.stage4_task_weights,
+                cfg.stage4_existence,
+                cfg.stage4_align_weight,
+                attributes,
+                cfg.stage4_duplicate_share,
             )
         norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         if torch.isfinite(norm):
