@@ -178,7 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--threads", type=int, default=2)
     ev.add_argument(
-        "--only", nargs="+", default=None, help="sections: referring text region grounded_caption panoptic follow"
+        "--only",
+        nargs="+",
+        default=None,
+        help="sections: referring text region grounded_caption panoptic follow referring_alike",
     )
     ev.add_argument("--json", action="store_true", help="one line of JSON")
     ev.set_defaults(func=cmd_eval)

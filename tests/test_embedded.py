@@ -78,6 +78,8 @@ def test_every_metric_is_reported(metrics):
     for kind in ("point", "box", "mask"):
         assert f"region_caption_{kind}" in metrics["exact"]
     assert 0.0 <= metrics["grounded_caption_miou"] <= 1.0
+    alike = metrics["referring_alike"]
+    assert 0.0 <= alike["ciou"] <= 1.0 and 0.0 <= alike["found_its_twin"] <= 1.0
     assert 0.0 <= metrics["follow_miou"] <= 1.0
 
 

@@ -288,6 +288,22 @@ def test_conversation_batch_duplicate_share_sets_how_many_scenes_have_two_alike(
     assert sum(natural) < len(natural) / 2
 
 
+def test_evaluation_scenes_of_objects_alike_name_one_of_a_pair():
+    from omg_llava_ros.toyworld.referring import shortest_expression
+    from omg_llava_ros.training.evaluate import _alike_target
+
+    rng = np.random.default_rng(14)
+    for _ in range(20):
+        rendered, t, twins = _alike_target(rng, 64)
+        assert twins and t not in twins
+        target = rendered.objects[t]
+        for k in twins:
+            assert (rendered.objects[k].color, rendered.objects[k].shape) == (target.color, target.shape)
+        ref = shortest_expression(rendered, t)
+        # Colour and shape never name one of two alike: the expression must use size or position.
+        assert ref is not None and ref != f"the {target.color} {target.shape}"
+
+
 def test_answer_loss_weighs_each_answer_equally():
     """A one-token answer counts as much as a long one with "sample", by its token count with "token"."""
     vocab = 5

@@ -6,7 +6,10 @@
   colour: exact-match accuracy of the answer text;
 - grounded caption: exact match and mask mIoU (phrase i ↔ i-th `[SEG]`; a missing mask scores 0);
 - panoptic quality from `perceive` (per class, averaged over the classes present);
-- follow mode: mean IoU over the frames of moving scenes after one command on frame 0.
+- follow mode: mean IoU over the frames of moving scenes after one command on frame 0;
+- referring between objects alike (not a target of the issue; a robot's "the leftmost cup"): scenes
+  with two objects of the same colour and shape, one of them named by its shortest expression
+  (mostly positional, "the topmost square"): cIoU, gIoU and the share of masks that found its twin.
 Scenes are drawn from seeds the training never uses, rendered with a random anti-aliasing mode.
 """
 
@@ -24,8 +27,12 @@ from omg_llava_ros.toyworld import (
     render,
     sample_conversation,
     sample_moving_scene,
+    sample_referring_segmentation,
     sample_scene,
 )
+from omg_llava_ros.toyworld.referring import referable_objects
+from omg_llava_ros.toyworld.scene import MAX_OBJECTS
+from omg_llava_ros.training.data import with_duplicate
 
 EVAL_SEED_OFFSET = 10_000_000  # training seeds are small integers
 
@@ -94,7 +101,21 @@ def panoptic_quality(pred: list, rendered, class_names: tuple[str, ...]) -> dict
     return stats
 
 
-SECTIONS = ("referring", "text", "region", "grounded_caption", "panoptic", "follow")
+SECTIONS = ("referring", "text", "region", "grounded_caption", "panoptic", "follow", "referring_alike")
+
+
+def _alike_target(rng: np.random.Generator, size: int):
+    """A scene with two objects alike and one of them that some expression names, as (rendered,
+    target, its twins)."""
+    while True:
+        mode = ANTIALIAS_MODES[int(rng.integers(len(ANTIALIAS_MODES)))]
+        scene = with_duplicate(rng, sample_scene(rng, num_objects=int(rng.integers(2, MAX_OBJECTS + 1))))
+        rendered = render(scene, size=size, rng=rng, antialias=mode)
+        names = [(o.color, o.shape) for o in rendered.objects]
+        alike = [i for i in referable_objects(rendered) if names.count(names[i]) > 1]
+        if alike:
+            t = alike[int(rng.integers(len(alike)))]
+            return rendered, t, [k for k in range(len(names)) if k != t and names[k] == names[t]]
 
 
 def evaluate(
@@ -182,6 +203,17 @@ def evaluate(
             follow_ious.append(iou(followed[0].mask, target))
     if "follow" in sections:
         out["follow_miou"] = float(np.mean(follow_ious))
+
+    alike, twin = IoUAccumulator(), []
+    for _ in range(samples if "referring_alike" in sections else 0):
+        rendered, t, twins = _alike_target(rng, size)
+        s = sample_referring_segmentation(rng, rendered, target=t, ref_mode="shortest")
+        res = model.chat(rendered.image, s.question)
+        pred = res.segments[0].mask if res.segments else np.zeros_like(s.target_masks[0])
+        alike.add(pred, s.target_masks[0])
+        twin.append(any(iou(pred, rendered.objects[k].mask) > 0.5 for k in twins))
+    if "referring_alike" in sections:
+        out["referring_alike"] = {"ciou": alike.ciou, "giou": alike.giou, "found_its_twin": float(np.mean(twin))}
     out["seconds"] = round(time.monotonic() - t0, 1)
     return out
 
