@@ -120,6 +120,8 @@ class TrainConfig:
     stage4_existence: data.ExistenceNegatives = data.ExistenceNegatives(confusable=0.4, colour_only=0.4)
     # Share of stage-4 scenes with two objects alike (`data.with_duplicate`), where only positions
     # tell them apart; the task "referring_position" in the weights asks positional expressions.
+    # Off in the recipe: 0.3 with "referring_position" at 2 on v15 (1500 steps) left referring
+    # between objects alike at chance (README) — the frozen decoder cannot place a [SEG] query.
     stage4_duplicate_share: float = 0.0
     # Tried in stage 4, off in the recipe (weight 0): an auxiliary loss on the object tokens,
     # `align_layer` decoder layers into the LLM, classifying them by shape and colour
