@@ -119,12 +119,17 @@ def make_object(
     )
 
 
+def jittered_rgb(rng: np.random.Generator, color: str) -> tuple[int, int, int]:
+    """The RGB of one object of colour `color`: its nominal value with a per-channel jitter."""
+    jitter = rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, size=3)
+    c = np.clip(np.array(COLORS[color]) + jitter, 0, 255)
+    return (int(c[0]), int(c[1]), int(c[2]))
+
+
 def _sample_attributes(rng: np.random.Generator) -> tuple[str, str, tuple[int, int, int], str, float, float]:
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
     color = list(COLORS)[int(rng.integers(len(COLORS)))]
-    jitter = rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, size=3)
-    c = np.clip(np.array(COLORS[color]) + jitter, 0, 255)
-    rgb = (int(c[0]), int(c[1]), int(c[2]))
+    rgb = jittered_rgb(rng, color)
     size = list(SIZES)[int(rng.integers(len(SIZES)))]
     radius = float(rng.uniform(*SIZES[size]))
     # A circle has no visible orientation; keeping 0 makes its spec canonical.

@@ -24,7 +24,7 @@ from omg_llava_ros.toyworld import (
 )
 from omg_llava_ros.toyworld.conversations import REFERRING_TEMPLATES, SEG_TOKEN, existence_pairs, existence_sample
 from omg_llava_ros.toyworld.referring import enumerate_expressions
-from omg_llava_ros.toyworld.scene import COLOR_JITTER, COLORS, Scene
+from omg_llava_ros.toyworld.scene import Scene, jittered_rgb
 
 
 def augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -57,8 +57,7 @@ def with_duplicate(rng: np.random.Generator, scene: Scene) -> Scene:
         return scene
     src, dst = (int(i) for i in rng.choice(len(objs), size=2, replace=False))
     model = objs[src]
-    jitter = rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, size=3)
-    rgb = tuple(int(v) for v in np.clip(np.array(COLORS[model.color]) + jitter, 0, 255))
+    rgb = jittered_rgb(rng, model.color)
     rotation = 0.0 if model.shape == "circle" else (objs[dst].rotation or float(rng.uniform(0.0, 360.0)))
     objs[dst] = replace(objs[dst], shape=model.shape, color=model.color, rgb=rgb, rotation=rotation)
     return replace(scene, objects=tuple(objs))
