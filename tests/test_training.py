@@ -415,7 +415,8 @@ def test_stage2_step_trains_the_llm_side_on_packed_conversations(perception_setu
     try:
         mix = {"referring_segmentation": 1.0, "caption": 1.0}
         stats = trainer.stage2_step(model, np.random.default_rng(2), cfg, mix)
-        assert set(stats) == {"loss", "ce", "seg", "follow", "align"} and stats["align"] == 0
+        assert set(stats) == {"loss", "ce", "seg", "follow", "align", "location"}
+        assert stats["align"] == 0 and stats["location"] == 0  # no location head on this model
         assert all(np.isfinite(v) for v in stats.values()) and stats["ce"] > 0 and stats["seg"] > 0
         assert model.llm.get_input_embeddings().weight.grad is not None
         assert all(p.grad is None for p in model.omg_decoder.parameters())
@@ -449,6 +450,28 @@ def test_stage2_step_with_word_alignment_trains_the_object_tokens(perception_set
         assert stats["align"] > 0 and head.shape.weight.grad is not None and head.colour.weight.grad is not None
         assert any(p.grad is not None for p in model.visual_projector.parameters())
     finally:
+        model.zero_grad(set_to_none=True)
+        model.requires_grad_(False)
+
+
+def test_stage2_step_with_object_location_trains_the_location_gate(perception_setup):
+    from omg_llava_ros.model.object_location import ObjectLocation
+
+    cfg, model = perception_setup
+    cfg = trainer.replace(cfg, stage2_batch=4, conversations_per_scene=2, max_text_tokens=120, location_weight=2.0)
+    model.object_location = ObjectLocation(model.config.decoder.hidden_dim, model.config.language_model.hidden_size)
+    model.requires_grad_(False)
+    for p in trainer.llm_side_parameters(model, with_llm=True):
+        p.requires_grad_(True)
+    try:
+        stats = trainer.stage2_step(model, np.random.default_rng(3), cfg, {"referring_segmentation": 1.0})
+        assert stats["location"] >= 0 and np.isfinite(stats["loss"])
+        assert np.isclose(stats["loss"], stats["ce"] + stats["seg"] + 0.5 * stats["follow"] + 2.0 * stats["location"])
+        # The gate starts at zero yet gets a gradient (through the object tokens the answers read).
+        assert model.object_location.gate.grad is not None and model.object_location.gate.grad.abs().sum() > 0
+        assert all(p.grad is None for p in model.omg_decoder.parameters())
+    finally:
+        model.object_location = None
         model.zero_grad(set_to_none=True)
         model.requires_grad_(False)
 

@@ -164,6 +164,9 @@ class OmgLlavaConfig:
     # Channels of the mask refiner (`mask_refiner`; ours): 0 = none, masks are the decoder's logits
     # upsampled bilinearly, as in the official model.
     mask_refiner_channels: int = 0
+    # Object tokens carry where their object is, and `[SEG]` states say where theirs is
+    # (`object_location`; ours): off in the official model.
+    locate_objects: bool = False
     max_new_tokens: int = 256
     system_prompt: str = ""
 

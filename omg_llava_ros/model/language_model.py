@@ -123,12 +123,14 @@ def build_language_model(config: LanguageModelConfig, dtype: torch.dtype = torch
 @dataclass
 class Generation:
     """token_ids: the generated ids (stop token excluded); seg_hidden: (n_seg, hidden), the last-layer
-    state at each position whose *input* token is `[SEG]`, in order."""
+    state at each position whose *input* token is `[SEG]`, in order; prompt_hidden: (L, hidden), the
+    last-layer states of the prompt."""
 
     token_ids: list[int]
     seg_hidden: torch.Tensor
     stopped: bool
     prompt_length: int = 0
+    prompt_hidden: torch.Tensor | None = None
 
 
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
@@ -156,6 +158,7 @@ def greedy_generate(
     embed = llm.get_input_embeddings()
     cache = DynamicCache(config=llm.config)
     out = base(inputs_embeds=inputs_embeds, past_key_values=cache, use_cache=True)
+    prompt_hidden = out.last_hidden_state[0]
     hidden = out.last_hidden_state[:, -1]
     generated: list[int] = []
     seg_states: list[torch.Tensor] = []
@@ -179,7 +182,7 @@ def greedy_generate(
             seg_states.append(hidden[0])
     hidden_size = inputs_embeds.shape[-1]
     seg_hidden = torch.stack(seg_states) if seg_states else inputs_embeds.new_zeros(0, hidden_size)
-    return Generation(generated, seg_hidden, stopped, prompt_length=inputs_embeds.shape[1])
+    return Generation(generated, seg_hidden, stopped, inputs_embeds.shape[1], prompt_hidden)
 
 
 def seg_hidden_states(input_ids: torch.Tensor, hidden: torch.Tensor, seg_id: int) -> torch.Tensor:

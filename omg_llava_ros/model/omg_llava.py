@@ -40,6 +40,7 @@ from omg_llava_ros.model.language_model import (
     train_tokenizer,
 )
 from omg_llava_ros.model.mask_refiner import MaskRefiner
+from omg_llava_ros.model.object_location import ObjectLocation, keep_component_nearest, mask_centroids
 from omg_llava_ros.model.omg_decoder import DecoderMemory, DecoderOutput, OmgDecoder
 from omg_llava_ros.model.perception_prior import PerceptionPrior, perception_prior
 from omg_llava_ros.model.pixel_shuffle import pixel_shuffle
@@ -221,6 +222,11 @@ class OmgLlava(nn.Module):
             # it would without a refiner.
             with torch.random.fork_rng(devices=[]):
                 self.mask_refiner = MaskRefiner(channels) if channels else None
+                self.object_location = (
+                    ObjectLocation(config.query_token_dim // 2, config.language_model.hidden_size)
+                    if config.locate_objects
+                    else None
+                )
         self.llm = llm if llm is not None else build_language_model(config.language_model, device=device)
         self.tokenizer = tokenizer
         self.tokens: SpecialTokenIds | None = special_token_ids(tokenizer) if tokenizer is not None else None
@@ -344,7 +350,7 @@ class OmgLlava(nn.Module):
         """The perception prior and object tokens of a panoptic decoder pass `out` (batched) on a
         side × side pixel-token grid, with this model's settings."""
         cfg = self.config
-        return perception_prior(
+        prior = perception_prior(
             out.class_logits,
             out.mask_logits[-1],
             out.query,
@@ -356,6 +362,23 @@ class OmgLlava(nn.Module):
             cfg.object_token_grid,
             cfg.decoder.num_thing_classes,
         )
+        if self.object_location is not None:
+            prior.object_centroids = [
+                mask_centroids(out.mask_logits[-1][b, index].float()) for b, index in enumerate(prior.object_indices)
+            ]
+        return prior
+
+    def object_queries(self, prior: PerceptionPrior, b: int) -> torch.Tensor:
+        """(n, 2C) [feature ; position] of image b's object tokens; with `locate_objects` the position
+        half gains where the object is (`object_location`)."""
+        tokens = prior.object_tokens[b]
+        if self.object_location is None:
+            return tokens
+        cfg = self.config
+        half = cfg.point_box_half_size / cfg.image_encoder.image_size
+        term = self.object_location.encode(prior.object_centroids[b], self.omg_decoder.pos_linear, half)
+        c = cfg.decoder.hidden_dim
+        return torch.cat([tokens[:, :c], tokens[:, c:] + term.to(tokens.dtype)], dim=-1)
 
     def _perceive_state(self, state: ImageState) -> None:
         dec = self.omg_decoder
@@ -366,7 +389,7 @@ class OmgLlava(nn.Module):
         prior = self.perception_prior(out, pos, state.last_stage.shape[-1] // ratio)
         proj = self.visual_projector
         pixel_tokens = proj.pixel_tokens(shuffled, prior.pixel_prior)[0]
-        object_tokens = proj.object_tokens(prior.object_tokens[0])
+        object_tokens = proj.object_tokens(self.object_queries(prior, 0))
         state.perception, state.prior = out, prior
         state.visual_tokens = proj.image_sequence(pixel_tokens, object_tokens)
 
@@ -410,7 +433,8 @@ class OmgLlava(nn.Module):
         )
         answer = self.tokenizer.decode(gen.token_ids, skip_special_tokens=False)
         turns[-1] = Turn(user=user, assistant=answer, prompts=prompts)
-        segments = self._decode_segs(gen.seg_hidden, state, phrases_for_segs(answer))
+        points = self._seg_points(gen, turns, state)
+        segments = self._decode_segs(gen.seg_hidden, state, phrases_for_segs(answer), points)
         return ChatResult(answer, segments, Conversation(turns))
 
     def conversation_ids(self, turns: list[Turn]) -> list[int]:
@@ -477,13 +501,32 @@ class OmgLlava(nn.Module):
         return state.perception.mask_logits[-1][0, things]
 
     # -- masks ----------------------------------------------------------------------------------
-    def _decode_segs(self, seg_hidden: torch.Tensor, state: ImageState, phrases: list[str | None]) -> list[Segment]:
+    def _seg_points(self, gen, turns: list[Turn], state: ImageState) -> torch.Tensor | None:
+        """(N, 2) centroids, in [0, 1] of the model input, of the object tokens the `[SEG]` states
+        point at (`object_location`); None without the head, a `[SEG]` or an object token."""
+        if self.object_location is None or len(gen.seg_hidden) == 0 or gen.prompt_hidden is None:
+            return None
+        centroids = state.prior.object_centroids[0]
+        if len(centroids) == 0:
+            return None
+        ids = self.conversation_ids(turns)
+        if IMAGE_PLACEHOLDER not in ids:
+            return None
+        # The object tokens are the last of the visual tokens that replace the image placeholder.
+        end = ids.index(IMAGE_PLACEHOLDER) + len(state.visual_tokens)
+        objects = gen.prompt_hidden[end - len(centroids) : end]
+        scores = self.object_location.point(gen.seg_hidden, objects)
+        return centroids[scores.argmax(-1)]
+
+    def _decode_segs(
+        self, seg_hidden: torch.Tensor, state: ImageState, phrases: list[str | None], points: torch.Tensor | None = None
+    ) -> list[Segment]:
         if len(seg_hidden) == 0:
             return []
         dtype = self.text_projector.model[0].weight.dtype
         q, pos = self.text_projector(seg_hidden.to(dtype))
         queries = torch.stack([q, pos], dim=1)  # (N, 2, C)
-        segments = self._masks_for_queries(queries, state)
+        segments = self._masks_for_queries(queries, state, points)
         for seg, phrase in zip(segments, phrases + [None] * len(segments), strict=False):
             seg.phrase = phrase
         return segments
@@ -495,13 +538,19 @@ class OmgLlava(nn.Module):
             logits = self.mask_refiner(logits, state.refiner_features)
         return state.letterbox.logits_to_image(logits)
 
-    def _masks_for_queries(self, queries: torch.Tensor, state: ImageState) -> list[Segment]:
-        """(N, 2, C) independent single queries → Segments at the input size."""
+    def _masks_for_queries(
+        self, queries: torch.Tensor, state: ImageState, points: torch.Tensor | None = None
+    ) -> list[Segment]:
+        """(N, 2, C) independent single queries → Segments at the input size. With `points` (N, 2),
+        (x, y) in [0, 1] of the model input, each mask keeps only its component nearest its point."""
         # [SEG] and follow queries use the decoder copy of finetuned_refseg/gcg where the model has one
         # (the flag is passed only then, so backends without a copy keep their signature).
         extra = {"seg_decoder": True} if self.config.decoder.llm_decoder_copy else {}
         out = self.vision.decode(queries[:, None, 0], queries[:, None, 1], state.memory, **extra)
-        logits = self._logits_to_image(out.mask_logits[-1][:, 0], state)
+        logits = out.mask_logits[-1][:, 0]
+        if points is not None:
+            logits = keep_component_nearest(logits, points)
+        logits = self._logits_to_image(logits, state)
         segments = []
         for i in range(len(queries)):
             segments.append(Segment(None, *_mask_and_score(logits[i]), query=queries[i].detach().cpu()))
@@ -517,7 +566,10 @@ class OmgLlava(nn.Module):
         if not segments:
             return []
         queries = torch.stack([s.query for s in segments]).to(self.device)
-        found = self._masks_for_queries(queries, state)
+        # Where each object was: of two objects alike the query finds both; keep the one nearby.
+        size = self.config.image_encoder.image_size
+        points = [state.letterbox.points_to_model([_mask_centroid(s.mask)]) / size for s in segments]
+        found = self._masks_for_queries(queries, state, torch.tensor(np.concatenate(points), dtype=torch.float32))
         for new, old in zip(found, segments, strict=True):
             new.phrase, new.label = old.phrase, old.label
         return found
@@ -580,6 +632,14 @@ def _mask_and_score(logits: torch.Tensor) -> tuple[np.ndarray, float]:
     mask = logits > 0
     score = float(logits.sigmoid()[mask].mean()) if bool(mask.any()) else 0.0
     return mask.cpu().numpy(), score
+
+
+def _mask_centroid(mask: np.ndarray) -> tuple[float, float]:
+    """(x, y) in pixels of a bool mask's centroid (pixel centres); the image centre if empty."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return mask.shape[1] / 2, mask.shape[0] / 2
+    return float(xs.mean()) + 0.5, float(ys.mean()) + 0.5
 
 
 def _image_key(image: np.ndarray) -> str:

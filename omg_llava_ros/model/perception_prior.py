@@ -27,12 +27,14 @@ import torch.nn.functional as F
 class PerceptionPrior:
     """pixel_prior: (B, T, 2C) per-token prior embedding; object_tokens: list of (n_b, 2C) per image;
     object_indices: list of (n_b,) query indices, in token order (ascending for the official
-    selection; left to right, then stuff, for "merged"); prob: (B, Q, h, w) P on the token grid."""
+    selection; left to right, then stuff, for "merged"); prob: (B, Q, h, w) P on the token grid;
+    object_centroids: list of (n_b, 2) mask centroids in [0, 1], where the model locates objects."""
 
     pixel_prior: torch.Tensor
     object_tokens: list[torch.Tensor]
     object_indices: list[torch.Tensor]
     prob: torch.Tensor
+    object_centroids: list[torch.Tensor] | None = None
 
 
 def bilinear_matrix(src: int, dst: int, dtype=torch.float32, device=None) -> torch.Tensor:

@@ -123,6 +123,8 @@ class TrainConfig:
     # Off in the recipe: 0.3 with "referring_position" at 2 on v15 (1500 steps) left referring
     # between objects alike at chance (README) — the frozen decoder cannot place a [SEG] query.
     stage4_duplicate_share: float = 0.0
+    # Weight of the `[SEG]` location loss (models with `locate_objects`; `object_location`).
+    location_weight: float = 1.0
     # Tried in stage 4, off in the recipe (weight 0): an auxiliary loss on the object tokens,
     # `align_layer` decoder layers into the LLM, classifying them by shape and colour
     # (`object_alignment_loss`), against the input embeddings of the shape and colour words
@@ -391,7 +393,7 @@ def perceive_batch(model: OmgLlava, images: list[np.ndarray]) -> VisualBatch:
 def visual_tokens(model: OmgLlava, vb: VisualBatch, i: int) -> torch.Tensor:
     proj = model.visual_projector
     pixel = proj.pixel_tokens(vb.shuffled[i : i + 1], vb.prior.pixel_prior[i : i + 1])[0]
-    return proj.image_sequence(pixel, proj.object_tokens(vb.prior.object_tokens[i]))
+    return proj.image_sequence(pixel, proj.object_tokens(model.object_queries(vb.prior, i)))
 
 
 @torch.no_grad()
@@ -566,6 +568,30 @@ def seg_loss(model: OmgLlava, memory: DecoderMemory, seqs: list[Sequence_], hidd
     return mask_loss(mask_logits, gt) / len(mask_logits), (q, pos)
 
 
+def location_loss(model: OmgLlava, vb: VisualBatch, seqs: list[Sequence_], hidden: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each `[SEG]` state's pointer over its image's object tokens (`object_location`),
+    towards the token whose mask overlaps the target most (IoU ≥ 0.5; other `[SEG]`s are skipped);
+    zero for a model without the head or a batch without such a `[SEG]`."""
+    if model.object_location is None:
+        return hidden.new_zeros((), dtype=torch.float32)
+    total, count = hidden.new_zeros((), dtype=torch.float32), 0
+    for b, s in enumerate(seqs):
+        masks = vb.object_masks[s.image_index] >= 0  # (n, h, w) the object tokens' masks
+        if not s.seg_positions or len(masks) == 0:
+            continue
+        targets = resize_masks(np.stack(s.target_masks), tuple(masks.shape[-2:])) > 0.5
+        inter = (targets[:, None] & masks[None]).flatten(2).sum(-1).float()
+        union = (targets[:, None] | masks[None]).flatten(2).sum(-1).float().clamp(min=1)
+        best_iou, best = (inter / union).max(-1)
+        keep = best_iou >= 0.5
+        if not keep.any():
+            continue
+        scores = model.object_location.point(hidden[b, s.seg_positions], hidden[b, s.object_positions])
+        total = total + F.cross_entropy(scores.float()[keep], best[keep], reduction="sum")
+        count += int(keep.sum())
+    return total / max(count, 1)
+
+
 @torch.no_grad()
 def object_attribute_labels(object_masks: torch.Tensor, rendered) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, h, w) mask logits of an image's object tokens and its ground truth → (n,) shape and (n,)
@@ -643,6 +669,8 @@ def object_alignment_loss(
 
 def llm_side_parameters(model: OmgLlava, with_llm: bool) -> list[torch.nn.Parameter]:
     params = list(model.visual_projector.parameters()) + list(model.text_projector.parameters())
+    if model.object_location is not None:
+        params += list(model.object_location.parameters())
     if with_llm:
         params += list(model.llm.parameters())
     return params
@@ -744,6 +772,7 @@ def stage2_step(
         logits = model.llm.get_output_embeddings()(hidden).float()
         ce = answer_loss(logits, labels, cfg.text_loss, groups)
         loss_seg, _ = seg_loss(model, vb.memory, seqs, hidden)
+        loss_location = location_loss(model, vb, seqs, hidden)
         loss_align = hidden.new_zeros((), dtype=torch.float32)
         if align_weight > 0:
             loss_align = object_alignment_loss(model, vb, seqs, chunks, batch, early, attributes)
@@ -764,9 +793,9 @@ def stage2_step(
             fimages.append(moved.image)
         if fseqs:
             loss_follow, _ = seg_loss(model, encode_batch(model, fimages), fseqs, hidden[torch.tensor(frows)])
-        loss = ce + loss_seg + 0.5 * loss_follow + align_weight * loss_align
+        loss = ce + loss_seg + 0.5 * loss_follow + align_weight * loss_align + cfg.location_weight * loss_location
     loss.backward()
-    return scalars(loss=loss, ce=ce, seg=loss_seg, follow=loss_follow, align=loss_align)
+    return scalars(loss=loss, ce=ce, seg=loss_seg, follow=loss_follow, align=loss_align, location=loss_location)
 
 
 # -- stage 5: the mask refiner ---------------------------------------------------------------------
@@ -887,10 +916,15 @@ def run_stage(model: OmgLlava, cfg: TrainConfig, out: Path, stage: int, start: d
     # Weight decay on matrices and kernels only: decaying norms, biases and layer scales pulls the
     # residual blocks back towards zero.
     decay = 0.05 if stage == 0 else 0.0
+    # The location gate and head start from nothing beside a trained LLM: they learn 10× faster.
+    fast = {id(p) for p in model.object_location.parameters()} if model.object_location is not None else set()
+    slow = [p for p in params if id(p) not in fast]
     groups = [
-        {"params": [p for p in params if p.ndim > 1], "weight_decay": decay},
-        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+        {"params": [p for p in slow if p.ndim > 1], "weight_decay": decay},
+        {"params": [p for p in slow if p.ndim <= 1], "weight_decay": 0.0},
     ]
+    if fast:
+        groups.append({"params": [p for p in params if id(p) in fast], "weight_decay": 0.0, "lr_scale": 10.0})
     opt = torch.optim.AdamW(groups, lr=lr)
     step, spent = 0, 0.0
     ckpt = out / f"stage{stage}"
@@ -909,7 +943,7 @@ def run_stage(model: OmgLlava, cfg: TrainConfig, out: Path, stage: int, start: d
     cls_names = model.config.decoder.class_names
     while step < total and not clock.done():
         for group in opt.param_groups:
-            group["lr"] = stage_lr(cfg, stage, step)
+            group["lr"] = stage_lr(cfg, stage, step) * group.get("lr_scale", 1.0)
         if stage == 0:
             batch = data.perception_batch(rng, cfg.stage0_batch, 256, cls_names, cfg.prompts_per_image)
             stats = stage0_step(model, batch, cfg, semantic)
