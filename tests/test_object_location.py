@@ -64,7 +64,19 @@ def test_the_location_term_starts_at_zero_and_then_tells_places_apart():
         location.gate.fill_(1.0)
     term = location.encode(places, decoder.pos_linear, 3 / 256)
     assert torch.allclose(term[0], term[2]) and not torch.allclose(term[0], term[1], atol=1e-3)
-    assert location.point(torch.randn(5, 16), torch.randn(3, 16)).shape == (5, 3)
+    assert location.point(torch.randn(5, 16), torch.randn(3, 16), torch.rand(3, 2)).shape == (5, 3)
+
+
+def test_the_direction_term_tells_two_objects_alike_apart_by_place():
+    location = ObjectLocation(4, 8)
+    seg, objects = torch.randn(1, 8), torch.randn(1, 8).expand(2, 8)  # two objects, the same state
+    centroids = torch.tensor([[0.5, 0.2], [0.5, 0.8]])  # one high, one low
+    scores = location.point(seg, objects, centroids)
+    assert torch.allclose(scores[0, 0], scores[0, 1])  # untrained: no preference
+    with torch.no_grad():
+        location.direction.bias.copy_(torch.tensor([0.0, -3.0]))  # "topmost": smaller y scores higher
+    scores = location.point(seg, objects, centroids)
+    assert scores[0, 0] > scores[0, 1] + 3
 
 
 def test_the_location_loss_points_each_seg_at_the_object_token_of_its_target():
@@ -76,14 +88,15 @@ def test_the_location_loss_points_each_seg_at_the_object_token_of_its_target():
     location = ObjectLocation(4, hidden_size)
     model = SimpleNamespace(object_location=location)
     left, right = square_logits([(2, 2, 10, 10)]), square_logits([(20, 2, 28, 10)])
-    vb = SimpleNamespace(object_masks=[torch.stack([left, right])])
+    centroids = torch.tensor([[0.19, 0.19], [0.75, 0.19]])
+    vb = SimpleNamespace(object_masks=[torch.stack([left, right])], prior=SimpleNamespace(object_centroids=[centroids]))
     target = np.zeros((GRID * 4, GRID * 4), dtype=bool)
     target[8:40, 80:112] = True  # the right square at 4× the mask resolution
     nothing = np.zeros_like(target)  # matches no object token: no pointer loss
     seq = SimpleNamespace(seg_positions=[3, 4], object_positions=[0, 1], target_masks=[target, nothing], image_index=0)
     hidden = torch.randn(1, 5, hidden_size, requires_grad=True)
     loss = location_loss(model, vb, [seq], hidden)
-    scores = location.point(hidden[0, [3]], hidden[0, [0, 1]])
+    scores = location.point(hidden[0, [3]], hidden[0, [0, 1]], centroids)
     assert torch.allclose(loss, torch.nn.functional.cross_entropy(scores, torch.tensor([1])))
     loss.backward()
     assert location.seg_query.weight.grad is not None and hidden.grad[0, 4].abs().sum() == 0

@@ -11,8 +11,10 @@ In:  each object token's position half gains `gate ⊙ pos_linear(sine(centroid 
      zero leaves a model exactly as it was, but on a trained LLM it hardly moves (0.008 after 300
      steps, the location then 1% of the token's position half): v17 starts it at 0.2.
 Out: each `[SEG]` state points at one of the image's object tokens (a bilinear score between the
-     `[SEG]` state and the LLM's last-layer states of the object tokens, trained with cross-entropy
-     towards the token whose mask is the target's); the `[SEG]` mask keeps only its connected
+     `[SEG]` state and the LLM's last-layer states of the object tokens, plus a direction read from
+     the `[SEG]` state against the objects' centroids, trained with cross-entropy towards the token
+     whose mask is the target's; without the direction term the pointer stayed at chance between
+     two objects alike after 650 steps, 0.53); the `[SEG]` mask keeps only its connected
      component nearest that object's centroid. Regressing the centroid from the `[SEG]` state instead
      barely beat guessing the image centre after 400 steps (L1 0.17 against 0.20). Follow mode keeps
      the component nearest the previous frame's mask, which needs neither.
@@ -33,14 +35,19 @@ DROPPED_LOGIT = -10.0
 
 
 class ObjectLocation(nn.Module):
-    """gate: (C,) on the decoder's position encoding. point: `[SEG]` states (N, H) and object-token
-    states (n, H) of the same LLM pass → (N, n) scores."""
+    """gate: (C,) on the decoder's position encoding. point: `[SEG]` states (N, H), object-token
+    states (n, H) of the same LLM pass and the objects' centroids (n, 2) → (N, n) scores."""
 
     def __init__(self, query_dim: int, hidden_size: int, gate_init: float = 0.0):
         super().__init__()
         self.gate = nn.Parameter(torch.full((query_dim,), gate_init))
         self.seg_query = nn.Linear(hidden_size, hidden_size)
         self.object_key = nn.Linear(hidden_size, hidden_size)
+        # Two objects alike differ only in place: "the topmost" is a direction, and a score linear in
+        # the centroid picks the extreme one. Zero: no preference until trained.
+        self.direction = nn.Linear(hidden_size, 2)
+        nn.init.zeros_(self.direction.weight)
+        nn.init.zeros_(self.direction.bias)
 
     def encode(self, centroids: torch.Tensor, pos_linear: nn.Linear, half: float) -> torch.Tensor:
         """(n, 2) centroids in [0, 1] → (n, C) gated location terms: the point-prompt encoding with
@@ -49,10 +56,13 @@ class ObjectLocation(nn.Module):
         encoding = pos_linear(coordinate_to_encoding(coords, pos_linear.out_features // 2))
         return self.gate * encoding
 
-    def point(self, seg_hidden: torch.Tensor, object_hidden: torch.Tensor) -> torch.Tensor:
-        q = self.seg_query(seg_hidden.to(self.gate.dtype))
+    def point(self, seg_hidden: torch.Tensor, object_hidden: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+        """(N, n) scores: what the `[SEG]` state asks of each object token's state, plus a direction it
+        reads from its phrase ("the topmost square") against each object's centroid (n, 2) in [0, 1]."""
+        seg = seg_hidden.to(self.gate.dtype)
         k = self.object_key(object_hidden.to(self.gate.dtype))
-        return q @ k.T / k.shape[-1] ** 0.5
+        content = self.seg_query(seg) @ k.T / k.shape[-1] ** 0.5
+        return content + self.direction(seg) @ (2 * centroids.to(seg.dtype) - 1).T
 
 
 def mask_centroids(mask_logits: torch.Tensor) -> torch.Tensor:

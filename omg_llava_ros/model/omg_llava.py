@@ -515,7 +515,7 @@ class OmgLlava(nn.Module):
         # The object tokens are the last of the visual tokens that replace the image placeholder.
         end = ids.index(IMAGE_PLACEHOLDER) + len(state.visual_tokens)
         objects = gen.prompt_hidden[end - len(centroids) : end]
-        scores = self.object_location.point(gen.seg_hidden, objects)
+        scores = self.object_location.point(gen.seg_hidden, objects, centroids)
         return centroids[scores.argmax(-1)]
 
     def _decode_segs(

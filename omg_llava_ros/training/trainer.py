@@ -586,7 +586,8 @@ def location_loss(model: OmgLlava, vb: VisualBatch, seqs: list[Sequence_], hidde
         keep = best_iou >= 0.5
         if not keep.any():
             continue
-        scores = model.object_location.point(hidden[b, s.seg_positions], hidden[b, s.object_positions])
+        centroids = vb.prior.object_centroids[s.image_index]
+        scores = model.object_location.point(hidden[b, s.seg_positions], hidden[b, s.object_positions], centroids)
         total = total + F.cross_entropy(scores.float()[keep], best[keep], reduction="sum")
         count += int(keep.sum())
     return total / max(count, 1)
