@@ -10,6 +10,7 @@ from omg_llava_ros.model.object_location import (
     ObjectLocation,
     keep_component_nearest,
     mask_centroids,
+    region_constraints,
 )
 from omg_llava_ros.model.omg_decoder import OmgDecoder
 
@@ -102,3 +103,16 @@ def test_the_location_loss_points_each_seg_at_the_object_token_of_its_target():
     assert location.seg_query.weight.grad is not None and hidden.grad[0, 4].abs().sum() == 0
     # A model without the head has no location loss.
     assert location_loss(SimpleNamespace(object_location=None), vb, [seq], hidden) == 0
+
+
+def test_region_constraints_let_a_query_attend_exactly_its_region_at_every_level():
+    from omg_llava_ros.model.omg_decoder import attention_blocked
+
+    region = square_logits([(4, 4, 12, 12)]) >= 0
+    constraints = region_constraints(region[None], [(8, 8), (16, 16)])
+    assert [a.shape for a in constraints.allowed] == [(1, 1, 64), (1, 1, 256)]
+    assert int(constraints.allowed[0].sum()) == 4 and int(constraints.allowed[1].sum()) == 16
+    # Whatever the query's own mask says, it may look only inside the region.
+    own = torch.full((1, 1, GRID, GRID), 5.0)
+    blocked = attention_blocked(own, (16, 16), constraints, 1)
+    assert torch.equal(~blocked[0, 0], constraints.allowed[1][0, 0])

@@ -40,7 +40,12 @@ from omg_llava_ros.model.language_model import (
     train_tokenizer,
 )
 from omg_llava_ros.model.mask_refiner import MaskRefiner
-from omg_llava_ros.model.object_location import ObjectLocation, keep_component_nearest, mask_centroids
+from omg_llava_ros.model.object_location import (
+    ObjectLocation,
+    keep_component_nearest,
+    mask_centroids,
+    region_constraints,
+)
 from omg_llava_ros.model.omg_decoder import DecoderMemory, DecoderOutput, OmgDecoder
 from omg_llava_ros.model.perception_prior import PerceptionPrior, perception_prior
 from omg_llava_ros.model.pixel_shuffle import pixel_shuffle
@@ -433,8 +438,8 @@ class OmgLlava(nn.Module):
         )
         answer = self.tokenizer.decode(gen.token_ids, skip_special_tokens=False)
         turns[-1] = Turn(user=user, assistant=answer, prompts=prompts)
-        points = self._seg_points(gen, turns, state)
-        segments = self._decode_segs(gen.seg_hidden, state, phrases_for_segs(answer), points)
+        located = self._seg_points(gen, turns, state)
+        segments = self._decode_segs(gen.seg_hidden, state, phrases_for_segs(answer), located)
         return ChatResult(answer, segments, Conversation(turns))
 
     def conversation_ids(self, turns: list[Turn]) -> list[int]:
@@ -501,9 +506,10 @@ class OmgLlava(nn.Module):
         return state.perception.mask_logits[-1][0, things]
 
     # -- masks ----------------------------------------------------------------------------------
-    def _seg_points(self, gen, turns: list[Turn], state: ImageState) -> torch.Tensor | None:
-        """(N, 2) centroids, in [0, 1] of the model input, of the object tokens the `[SEG]` states
-        point at (`object_location`); None without the head, a `[SEG]` or an object token."""
+    def _seg_points(self, gen, turns: list[Turn], state: ImageState) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For each `[SEG]` the object token it points at (`object_location`): (N, 2) centroids in
+        [0, 1] of the model input and (N, h, w) those objects' panoptic mask logits; None without
+        the head, a `[SEG]` or an object token."""
         if self.object_location is None or len(gen.seg_hidden) == 0 or gen.prompt_hidden is None:
             return None
         centroids = state.prior.object_centroids[0]
@@ -515,18 +521,24 @@ class OmgLlava(nn.Module):
         # The object tokens are the last of the visual tokens that replace the image placeholder.
         end = ids.index(IMAGE_PLACEHOLDER) + len(state.visual_tokens)
         objects = gen.prompt_hidden[end - len(centroids) : end]
-        scores = self.object_location.point(gen.seg_hidden, objects, centroids)
-        return centroids[scores.argmax(-1)]
+        pointed = self.object_location.point(gen.seg_hidden, objects, centroids).argmax(-1)
+        logits = state.perception.mask_logits[-1][0, state.prior.object_indices[0][pointed]]
+        return centroids[pointed], logits
 
     def _decode_segs(
-        self, seg_hidden: torch.Tensor, state: ImageState, phrases: list[str | None], points: torch.Tensor | None = None
+        self,
+        seg_hidden: torch.Tensor,
+        state: ImageState,
+        phrases: list[str | None],
+        located: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> list[Segment]:
         if len(seg_hidden) == 0:
             return []
         dtype = self.text_projector.model[0].weight.dtype
         q, pos = self.text_projector(seg_hidden.to(dtype))
         queries = torch.stack([q, pos], dim=1)  # (N, 2, C)
-        segments = self._masks_for_queries(queries, state, points)
+        points, regions = located if located is not None else (None, None)
+        segments = self._masks_for_queries(queries, state, points, regions)
         for seg, phrase in zip(segments, phrases + [None] * len(segments), strict=False):
             seg.phrase = phrase
         return segments
@@ -539,10 +551,16 @@ class OmgLlava(nn.Module):
         return state.letterbox.logits_to_image(logits)
 
     def _masks_for_queries(
-        self, queries: torch.Tensor, state: ImageState, points: torch.Tensor | None = None
+        self,
+        queries: torch.Tensor,
+        state: ImageState,
+        points: torch.Tensor | None = None,
+        regions: torch.Tensor | None = None,
     ) -> list[Segment]:
         """(N, 2, C) independent single queries → Segments at the input size. With `points` (N, 2),
-        (x, y) in [0, 1] of the model input, each mask keeps only its component nearest its point."""
+        (x, y) in [0, 1] of the model input, each mask keeps only its component nearest its point;
+        with `regions` (N, h, w) mask logits of where each query's object is, a query whose mask
+        misses its region is decoded again attending only there (as a mask prompt does)."""
         # [SEG] and follow queries use the decoder copy of finetuned_refseg/gcg where the model has one
         # (the flag is passed only then, so backends without a copy keep their signature).
         extra = {"seg_decoder": True} if self.config.decoder.llm_decoder_copy else {}
@@ -550,6 +568,16 @@ class OmgLlava(nn.Module):
         logits = out.mask_logits[-1][:, 0]
         if points is not None:
             logits = keep_component_nearest(logits, points)
+        if regions is not None:
+            inside = regions >= 0
+            missed = torch.nonzero(~((logits >= 0) & inside).flatten(1).any(1) & inside.flatten(1).any(1)).flatten()
+            if len(missed):
+                constraints = region_constraints(inside[missed], state.memory.level_shapes)
+                again = self.vision.decode(
+                    queries[missed, None, 0], queries[missed, None, 1], state.memory, constraints, **extra
+                ).mask_logits[-1][:, 0]
+                logits = logits.clone()
+                logits[missed] = keep_component_nearest(again, points[missed]) if points is not None else again
         logits = self._logits_to_image(logits, state)
         segments = []
         for i in range(len(queries)):
