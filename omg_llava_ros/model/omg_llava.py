@@ -594,10 +594,7 @@ class OmgLlava(nn.Module):
         if not segments:
             return []
         queries = torch.stack([s.query for s in segments]).to(self.device)
-        # Where each object was: of two objects alike the query finds both; keep the one nearby.
-        size = self.config.image_encoder.image_size
-        points = [state.letterbox.points_to_model([_mask_centroid(s.mask)]) / size for s in segments]
-        found = self._masks_for_queries(queries, state, torch.tensor(np.concatenate(points), dtype=torch.float32))
+        found = self._masks_for_queries(queries, state)
         for new, old in zip(found, segments, strict=True):
             new.phrase, new.label = old.phrase, old.label
         return found
@@ -660,14 +657,6 @@ def _mask_and_score(logits: torch.Tensor) -> tuple[np.ndarray, float]:
     mask = logits > 0
     score = float(logits.sigmoid()[mask].mean()) if bool(mask.any()) else 0.0
     return mask.cpu().numpy(), score
-
-
-def _mask_centroid(mask: np.ndarray) -> tuple[float, float]:
-    """(x, y) in pixels of a bool mask's centroid (pixel centres); the image centre if empty."""
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return mask.shape[1] / 2, mask.shape[0] / 2
-    return float(xs.mean()) + 0.5, float(ys.mean()) + 0.5
 
 
 def _image_key(image: np.ndarray) -> str:
