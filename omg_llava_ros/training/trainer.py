@@ -124,7 +124,8 @@ class TrainConfig:
     # between objects alike at chance (README) — the frozen decoder cannot place a [SEG] query.
     stage4_duplicate_share: float = 0.0
     # Weight of the `[SEG]` location loss (models with `locate_objects`; `object_location`).
-    location_weight: float = 1.0
+    location_weight: float = 0.5
+    location_gate_init: float = 0.2
     # Tried in stage 4, off in the recipe (weight 0): an auxiliary loss on the object tokens,
     # `align_layer` decoder layers into the LLM, classifying them by shape and colour
     # (`object_alignment_loss`), against the input embeddings of the shape and colour words
@@ -284,6 +285,10 @@ def build_model(cfg: TrainConfig, out: Path) -> OmgLlava:
     torch.manual_seed(cfg.seed)
     model = OmgLlava(config, tokenizer=tokenizer)
     model._init_class_embed()
+    if model.object_location is not None:
+        # From zero the gate hardly moves (`object_location`): start it where v17's did.
+        with torch.no_grad():
+            model.object_location.gate.fill_(cfg.location_gate_init)
     return model
 
 
