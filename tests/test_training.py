@@ -488,9 +488,12 @@ def test_object_positions_are_where_the_object_tokens_sit():
     samples, vb = _mixed_scene(model)
     with torch.no_grad():
         seq = trainer.build_sequence(model, vb, 0, samples)
-        objects = model.visual_projector.object_tokens(vb.prior.object_tokens[0])
+        objects = model.visual_projector.object_tokens(model.object_queries(vb.prior, 0))
     assert len(seq.object_positions) == len(objects) > 0
     assert torch.allclose(seq.embeds[seq.object_positions], objects, atol=1e-5)
+    # The shipped model locates objects: its object tokens carry where each object is.
+    unlocated = model.visual_projector.object_tokens(vb.prior.object_tokens[0])
+    assert not torch.allclose(objects, unlocated, atol=1e-3)
 
 
 def test_object_attribute_labels_follow_the_token_masks():
