@@ -95,7 +95,8 @@ def test_probe_times_the_real_chat_and_follow_and_leaves_the_model_as_it_was():
 
     answer_ids = model.tokenizer.encode(work.answer, add_special_tokens=False)
     assert chat_stages["generated_tokens"] == len(answer_ids)  # one LLM step per answer token
-    prompt = model._embed_conversation([Turn(first_user_text(work.command))], model.set_image(work.frames[0]))
+    turns = [Turn(first_user_text(work.command))]
+    prompt = model._embed_conversation(model.conversation_ids(turns), turns, model.set_image(work.frames[0]))
     assert chat_stages["prompt_tokens"] == prompt.shape[0]
     assert all(chat_stages[s] > 0 for s in STAGES)
     assert all(follow_stages[s] > 0 for s in FOLLOW_STAGES)

@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from omg_llava_ros.model.omg_decoder import QueryConstraints
 from omg_llava_ros.model.positional_encoding import coordinate_to_encoding
-from omg_llava_ros.model.prompt_encoder import point_query_position
+from omg_llava_ros.model.prompt_encoder import mask_allowed, point_query_position
 
 # What a dropped component's logits become: well below zero, and below the refiner's floor so it
 # leaves them alone.
@@ -107,10 +106,10 @@ def keep_component_nearest(logits: torch.Tensor, points: torch.Tensor) -> torch.
 
 def region_constraints(regions: torch.Tensor, level_shapes: list[tuple[int, int]]) -> QueryConstraints:
     """(N, h, w) bool regions → constraints that let each query attend exactly its region at every
-    level (resized nearest, as mask prompts are)."""
+    level, as a mask prompt's (`mask_allowed`)."""
+    masks = regions.cpu().numpy()
     allowed = [
-        (F.interpolate(regions[:, None].float(), size=shape, mode="nearest")[:, 0] > 0.5).flatten(1)[:, None]
-        for shape in level_shapes
+        torch.stack([mask_allowed(m, shape) for m in masks])[:, None].to(regions.device) for shape in level_shapes
     ]
     use_prediction = torch.zeros(len(regions), 1, dtype=torch.bool, device=regions.device)
     return QueryConstraints(allowed, use_prediction)

@@ -427,7 +427,8 @@ class OmgLlava(nn.Module):
         user = first_user_text(text) if not past else text
         turns = past + [Turn(user=user, prompts=prompts)]
 
-        embeds = self._embed_conversation(turns, state)
+        ids = self.conversation_ids(turns)
+        embeds = self._embed_conversation(ids, turns, state)
         gen = greedy_generate(
             self.llm,
             embeds[None],
@@ -438,7 +439,7 @@ class OmgLlava(nn.Module):
         )
         answer = self.tokenizer.decode(gen.token_ids, skip_special_tokens=False)
         turns[-1] = Turn(user=user, assistant=answer, prompts=prompts)
-        located = self._seg_points(gen, turns, state)
+        located = self._seg_points(gen, ids, state)
         segments = self._decode_segs(gen.seg_hidden, state, phrases_for_segs(answer), located)
         return ChatResult(answer, segments, Conversation(turns))
 
@@ -455,10 +456,10 @@ class OmgLlava(nn.Module):
             ids.extend(self.tokenizer.encode(chunk, add_special_tokens=False))
         return ids
 
-    def _embed_conversation(self, turns: list[Turn], state: ImageState) -> torch.Tensor:
-        ids = torch.tensor(self.conversation_ids(turns), device=self.device)
+    def _embed_conversation(self, ids: list[int], turns: list[Turn], state: ImageState) -> torch.Tensor:
+        """`conversation_ids(turns)` → the LLM input, the turns' visual prompts in their slots."""
         prompts = [p for t in turns for p in t.prompts]
-        return self.embed_ids(ids, state, self.prompt_embeddings(prompts, state))
+        return self.embed_ids(torch.tensor(ids, device=self.device), state, self.prompt_embeddings(prompts, state))
 
     def embed_ids(
         self, ids: torch.Tensor, state: ImageState | None, prompt_embeds: torch.Tensor | None
@@ -506,17 +507,14 @@ class OmgLlava(nn.Module):
         return state.perception.mask_logits[-1][0, things]
 
     # -- masks ----------------------------------------------------------------------------------
-    def _seg_points(self, gen, turns: list[Turn], state: ImageState) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _seg_points(self, gen, ids: list[int], state: ImageState) -> tuple[torch.Tensor, torch.Tensor] | None:
         """For each `[SEG]` the object token it points at (`object_location`): (N, 2) centroids in
         [0, 1] of the model input and (N, h, w) those objects' panoptic mask logits; None without
-        the head, a `[SEG]` or an object token."""
+        the head, a `[SEG]` or an object token. `ids`: the prompt's ids, as `conversation_ids`."""
         if self.object_location is None or len(gen.seg_hidden) == 0 or gen.prompt_hidden is None:
             return None
         centroids = state.prior.object_centroids[0]
-        if len(centroids) == 0:
-            return None
-        ids = self.conversation_ids(turns)
-        if IMAGE_PLACEHOLDER not in ids:
+        if len(centroids) == 0 or IMAGE_PLACEHOLDER not in ids:
             return None
         # The object tokens are the last of the visual tokens that replace the image placeholder.
         end = ids.index(IMAGE_PLACEHOLDER) + len(state.visual_tokens)

@@ -573,6 +573,13 @@ def seg_loss(model: OmgLlava, memory: DecoderMemory, seqs: list[Sequence_], hidd
     return mask_loss(mask_logits, gt) / len(mask_logits), (q, pos)
 
 
+def pairwise_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(n, h, w) and (m, h, w) bool masks → (n, m) IoU (0 where both are empty)."""
+    inter = (a[:, None] & b[None]).flatten(2).sum(-1).float()
+    union = (a[:, None] | b[None]).flatten(2).sum(-1).float()
+    return inter / union.clamp(min=1)
+
+
 def location_loss(model: OmgLlava, vb: VisualBatch, seqs: list[Sequence_], hidden: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of each `[SEG]` state's pointer over its image's object tokens (`object_location`),
     towards the token whose mask overlaps the target most (IoU ≥ 0.5; other `[SEG]`s are skipped);
@@ -585,9 +592,7 @@ def location_loss(model: OmgLlava, vb: VisualBatch, seqs: list[Sequence_], hidde
         if not s.seg_positions or len(masks) == 0:
             continue
         targets = resize_masks(np.stack(s.target_masks), tuple(masks.shape[-2:])) > 0.5
-        inter = (targets[:, None] & masks[None]).flatten(2).sum(-1).float()
-        union = (targets[:, None] | masks[None]).flatten(2).sum(-1).float().clamp(min=1)
-        best_iou, best = (inter / union).max(-1)
+        best_iou, best = pairwise_iou(targets, masks).max(-1)
         keep = best_iou >= 0.5
         if not keep.any():
             continue
@@ -606,9 +611,7 @@ def object_attribute_labels(object_masks: torch.Tensor, rendered) -> tuple[torch
 
     pred = object_masks.float() >= 0
     gt = resize_masks(np.stack([o.mask for o in rendered.objects]), tuple(pred.shape[-2:])) >= 0.5
-    inter = (pred[:, None] & gt[None]).flatten(2).sum(-1).float()
-    union = (pred[:, None] | gt[None]).flatten(2).sum(-1).float()
-    best, which = (inter / union.clamp(min=1)).max(1)  # a scene has at least one object
+    best, which = pairwise_iou(pred, gt).max(1)  # a scene has at least one object
     shapes = torch.tensor([SHAPES.index(o.shape) for o in rendered.objects], dtype=torch.long)[which]
     colours = torch.tensor([list(COLORS).index(o.color) for o in rendered.objects], dtype=torch.long)[which]
     shapes[best <= 0.5] = -100
@@ -923,14 +926,15 @@ def run_stage(model: OmgLlava, cfg: TrainConfig, out: Path, stage: int, start: d
     # residual blocks back towards zero.
     decay = 0.05 if stage == 0 else 0.0
     # The location gate and head start from nothing beside a trained LLM: they learn 10× faster.
-    fast = {id(p) for p in model.object_location.parameters()} if model.object_location is not None else set()
-    slow = [p for p in params if id(p) not in fast]
+    location = {id(p) for p in model.object_location.parameters()} if model.object_location is not None else set()
+    fast = [p for p in params if id(p) in location]
+    slow = [p for p in params if id(p) not in location]
     groups = [
         {"params": [p for p in slow if p.ndim > 1], "weight_decay": decay},
         {"params": [p for p in slow if p.ndim <= 1], "weight_decay": 0.0},
     ]
-    if fast:
-        groups.append({"params": [p for p in params if id(p) in fast], "weight_decay": 0.0, "lr_scale": 10.0})
+    if fast:  # only in the stages that train the LLM side
+        groups.append({"params": fast, "weight_decay": 0.0, "lr_scale": 10.0})
     opt = torch.optim.AdamW(groups, lr=lr)
     step, spent = 0, 0.0
     ckpt = out / f"stage{stage}"
