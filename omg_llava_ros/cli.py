@@ -101,6 +101,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import time
 
+    import torch
+
     from omg_llava_ros.training.trainer import TrainConfig, train
 
     logging.getLogger().setLevel(logging.INFO)
@@ -117,7 +119,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     model = train(cfg)
     export = Path(args.export) if args.export else Path(args.out) / "model"
-    model.save_pretrained(export)
+    model.save_pretrained(export, dtype=getattr(torch, args.export_dtype))
     print(json.dumps({"model": str(export), "wall_minutes_this_run": round((time.monotonic() - t0) / 60, 1)}))
     return 0
 
@@ -154,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train the embedded model on the tabletop world (resumes)")
     tr.add_argument("--out", default="runs/embedded", help="run folder (checkpoints, log, tokenizer)")
     tr.add_argument("--export", default=None, help="where to write the trained model (default OUT/model)")
+    tr.add_argument(
+        "--export-dtype",
+        choices=("float16", "float32"),
+        default="float16",
+        help="precision the exported weights are stored in (they load as float32 on the CPU); the "
+        "embedded model is stored as float16",
+    )
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--stage0-steps", type=int, default=None, help="default: TrainConfig's")
     tr.add_argument("--stage1-steps", type=int, default=None, help="default: TrainConfig's")

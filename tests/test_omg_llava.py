@@ -170,6 +170,21 @@ def test_save_and_load_round_trip(tiny_model, image, tmp_path):
     assert not any(Path(tmp_path / "model").rglob("*.bin")) and not any(Path(tmp_path / "model").rglob("*.pt"))
 
 
+def test_float16_storage_halves_the_files_and_loads_back_as_float32(tiny_model, tmp_path):
+    m = tiny_model
+    m.save_pretrained(tmp_path / "fp32")
+    m.save_pretrained(tmp_path / "fp16", dtype=torch.float16)
+    for name in ("model.safetensors", "llm/model.safetensors"):
+        full, half = ((tmp_path / d / name).stat().st_size for d in ("fp32", "fp16"))
+        assert half < 0.55 * full, name
+    loaded = OmgLlava.from_pretrained(tmp_path / "fp16")
+    original = m.state_dict()
+    for k, v in loaded.state_dict().items():
+        if v.is_floating_point():
+            assert v.dtype == torch.float32, k
+            assert torch.equal(v, original[k].to(torch.float16).float()), k
+
+
 def test_official_7b_builds_on_meta_with_the_released_shapes():
     m = OmgLlava.from_config("official-7b", device="meta")
     sd = m.state_dict()

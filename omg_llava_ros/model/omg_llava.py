@@ -303,7 +303,11 @@ class OmgLlava(nn.Module):
             directory / "llm", trust_remote_code=False, dtype=dtype, device_map=None
         ).to(device)
         model = cls(config, tokenizer=tokenizer, llm=llm, device="meta")
-        state = load_file(directory / VISION_WEIGHTS, device=str(device))
+        # The vision side computes in float32 whatever the stored precision (save_pretrained's dtype).
+        state = {
+            k: v.float() if v.is_floating_point() else v
+            for k, v in load_file(directory / VISION_WEIGHTS, device=str(device)).items()
+        }
         missing, unexpected = _load_vision_state(model, state)
         if missing or unexpected:
             raise ValueError(f"{directory / VISION_WEIGHTS}: missing keys {missing}, unexpected keys {unexpected}")
@@ -314,15 +318,19 @@ class OmgLlava(nn.Module):
             model.vision = select_backend(backend, model)
         return model
 
-    def save_pretrained(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
+        """Write config, weights (safetensors) and tokenizer to `path`. `dtype`: store the floating
+        tensors in it (float16 halves the files; loading computes in float32 on the CPU again),
+        None: as they are in memory."""
         from safetensors.torch import save_file
 
         directory = Path(path)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save(directory / CONFIG_FILE)
         vision = {k: v.contiguous() for k, v in self.state_dict().items() if not k.startswith("llm.")}
-        save_file(vision, directory / VISION_WEIGHTS, metadata={"format": "pt"})
-        self.llm.save_pretrained(directory / "llm", safe_serialization=True)
+        save_file(_stored(vision, dtype), directory / VISION_WEIGHTS, metadata={"format": "pt"})
+        llm_state = None if dtype is None else _stored(self.llm.state_dict(), dtype)
+        self.llm.save_pretrained(directory / "llm", safe_serialization=True, state_dict=llm_state)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(directory / "tokenizer")
         (directory / "README.txt").write_text(
@@ -661,6 +669,24 @@ def _image_key(image: np.ndarray) -> str:
     h = hashlib.blake2b(image.tobytes(), digest_size=16)
     h.update(str(image.shape).encode())
     return h.hexdigest()
+
+
+def _stored(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """`state` with its floating tensors in `dtype`; tensors that share storage (tied weights) still
+    share it, so safetensors keeps one copy."""
+    if dtype is None:
+        return state
+    cast: dict[int, torch.Tensor] = {}
+    out = {}
+    for k, v in state.items():
+        if not v.is_floating_point():
+            out[k] = v
+            continue
+        key = (v.data_ptr(), tuple(v.shape), v.stride())
+        if key not in cast:
+            cast[key] = v.to(dtype).contiguous()
+        out[k] = cast[key]
+    return out
 
 
 def _load_vision_state(model: OmgLlava, state: dict[str, Any]) -> tuple[list[str], list[str]]:
