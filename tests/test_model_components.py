@@ -10,11 +10,13 @@ import torch.nn.functional as F
 from omg_llava_ros.model.config import OmgDecoderConfig
 from omg_llava_ros.model.omg_decoder import OmgDecoder, QueryConstraints, attention_blocked
 from omg_llava_ros.model.perception_prior import (
+    OUTSIDE_PIECE_LOGIT,
     bilinear_matrix,
     exact_prior_resize,
     literal_prior_resize,
     merged_selection,
     perception_prior,
+    split_pieces,
 )
 from omg_llava_ros.model.pixel_decoder import MultiScaleDeformableAttention
 from omg_llava_ros.model.pixel_shuffle import pixel_shuffle
@@ -371,6 +373,41 @@ def test_merged_selection_keeps_touching_objects_and_the_more_confident_duplicat
     order = merged_selection(torch.arange(3), confidence, labels, masks, num_thing_classes=2)
     assert order.tolist() == [0, 2]  # the duplicate is more confident: it stands for the object
     assert merged_selection(torch.arange(0), confidence, labels, masks, 2).tolist() == []
+
+
+def test_split_pieces_gives_each_separate_object_its_own_token():
+    # Query 0: two squares alike far apart (one mask), plus a 2-cell speck. Query 1: an object whose
+    # mask bleeds a 3×3 piece onto query 2's object. Query 3: the table (stuff), also in pieces.
+    masks = torch.full((4, 32, 32), -5.0)
+    masks[0, 2:8, 20:26] = 5.0  # right piece (36 cells)
+    masks[0, 2:8, 2:8] = 4.0  # left piece (36 cells)
+    masks[0, 30, 30:32] = 5.0  # speck: too small to be an object
+    masks[1, 20:26, 10:16] = 5.0
+    masks[1, 20:23, 28:31] = 5.0  # bleed onto query 2's object
+    masks[2, 18:26, 26:32] = 5.0
+    masks[3, 12:14, :] = 5.0
+    masks[3, 28:30, :8] = 5.0
+    labels = torch.tensor([0, 1, 0, 2])  # classes 0-1 things, 2 stuff
+    index, logits = split_pieces(torch.tensor([0, 1, 2, 3]), labels, masks, num_thing_classes=2)
+    assert index.tolist() == [0, 1, 0, 2, 3]  # left to right by piece centroid, then stuff
+    left, right = logits[0] >= 0, logits[2] >= 0
+    assert left.sum() == 36 + 2 and bool(left[2:8, 2:8].all())  # the speck stays with the largest piece
+    assert right.sum() == 36 and bool(right[2:8, 20:26].all())
+    assert float(logits[0, 2, 2]) == 4.0 and float(logits[0, 2, 20]) == OUTSIDE_PIECE_LOGIT
+    assert torch.equal(logits[1], masks[1])  # the bleed is covered by query 2: not an object
+    assert torch.equal(logits[4], masks[3])
+    # Through perception_prior: the two pieces share the query's token, and "merged" keeps one.
+    cls = torch.full((1, 4, 4), -4.0)
+    for q, label in enumerate(labels.tolist()):
+        cls[0, q, label] = 4.0
+    f, p = torch.randn(1, 4, 6), torch.randn(1, 4, 6)
+    split = perception_prior(cls, masks[None], f, p, 32, (4, 4), object_grid="split", num_thing_classes=2)
+    merged = perception_prior(cls, masks[None], f, p, 32, (4, 4), object_grid="merged", num_thing_classes=2)
+    assert split.object_indices[0].tolist() == [0, 1, 0, 2, 3]
+    assert torch.equal(split.object_tokens[0][0], split.object_tokens[0][2])
+    assert torch.equal(split.object_masks[0], logits)
+    assert sorted(merged.object_indices[0].tolist()) == [0, 1, 2, 3]
+    assert torch.equal(merged.object_masks[0], masks[merged.object_indices[0]])
 
 
 def test_prior_variants():

@@ -145,7 +145,9 @@ class OmgLlavaConfig:
     "tokens" (the official code: the pixel-token grid, i.e. P sampled at the token centres),
     "mask" (the decoder's stride-4 mask grid, which no object of a few tokens' size can slip through)
     or "merged" (the mask-grid winners with duplicate queries of one object suppressed, things
-    ordered left to right by mask centroid, then stuff: see `perception_prior.merged_selection`).
+    ordered left to right by mask centroid, then stuff: see `perception_prior.merged_selection`)
+    or "split" ("merged", and a thing whose mask falls in separate object-sized pieces gives one
+    token per piece: `perception_prior.split_pieces`).
     """
 
     name: str = "official-7b"
@@ -318,8 +320,9 @@ def embedded() -> OmgLlavaConfig:
         max_new_tokens=96,
         pixel_shuffle_ratio=1,
         # Token centres lie 32 px apart, and a small object (12 px radius) often covers none of
-        # them: selected on the token grid, it would reach the LLM as no object token at all.
-        object_token_grid="merged",
+        # them: selected on the token grid, it would reach the LLM as no object token at all. Its
+        # decoder often gives two objects alike one query: "split" makes them two tokens again.
+        object_token_grid="split",
         # Its decoder finds an object from a point prompt poorly (mask IoU 0.36; a box 0.65, a mask
         # 0.86), while its panoptic masks are good: see `prompt_snapping`.
         snap_prompts=True,

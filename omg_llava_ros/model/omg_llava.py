@@ -376,9 +376,7 @@ class OmgLlava(nn.Module):
             cfg.decoder.num_thing_classes,
         )
         if self.object_location is not None:
-            prior.object_centroids = [
-                mask_centroids(out.mask_logits[-1][b, index].float()) for b, index in enumerate(prior.object_indices)
-            ]
+            prior.object_centroids = [mask_centroids(masks.float()) for masks in prior.object_masks]
         return prior
 
     def object_queries(self, prior: PerceptionPrior, b: int) -> torch.Tensor:
@@ -511,8 +509,7 @@ class OmgLlava(nn.Module):
         """(n, h, w) mask logits of the things among the image's object tokens (the panoptic pass)."""
         index = state.prior.object_indices[0]
         labels = state.perception.class_logits[0, index, :-1].argmax(-1)
-        things = index[labels < self.config.decoder.num_thing_classes]
-        return state.perception.mask_logits[-1][0, things]
+        return state.prior.object_masks[0][labels < self.config.decoder.num_thing_classes]
 
     # -- masks ----------------------------------------------------------------------------------
     def _seg_points(self, gen, ids: list[int], state: ImageState) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -528,8 +525,7 @@ class OmgLlava(nn.Module):
         end = ids.index(IMAGE_PLACEHOLDER) + len(state.visual_tokens)
         objects = gen.prompt_hidden[end - len(centroids) : end]
         pointed = self.object_location.point(gen.seg_hidden, objects, centroids).argmax(-1)
-        logits = state.perception.mask_logits[-1][0, state.prior.object_indices[0][pointed]]
-        return centroids[pointed], logits
+        return centroids[pointed], state.prior.object_masks[0][pointed]
 
     def _decode_segs(
         self,

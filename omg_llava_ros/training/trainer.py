@@ -391,8 +391,7 @@ def perceive_batch(model: OmgLlava, images: list[np.ndarray]) -> VisualBatch:
     out = dec.decode(q, pos, memory, with_class=True)
     ratio = model.config.pixel_shuffle_ratio
     prior = model.perception_prior(out, pos, feats[-1].shape[-1] // ratio)
-    masks = [out.mask_logits[-1][b, index] for b, index in enumerate(prior.object_indices)]
-    return VisualBatch(memory, pixel_shuffle(feats[-1], ratio), prior, masks)
+    return VisualBatch(memory, pixel_shuffle(feats[-1], ratio), prior, prior.object_masks)
 
 
 def visual_tokens(model: OmgLlava, vb: VisualBatch, i: int) -> torch.Tensor:
