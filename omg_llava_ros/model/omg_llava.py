@@ -47,7 +47,7 @@ from omg_llava_ros.model.object_location import (
     region_constraints,
 )
 from omg_llava_ros.model.omg_decoder import DecoderMemory, DecoderOutput, OmgDecoder
-from omg_llava_ros.model.perception_prior import PerceptionPrior, perception_prior
+from omg_llava_ros.model.perception_prior import PerceptionPrior, perception_prior, separate_pieces
 from omg_llava_ros.model.pixel_shuffle import pixel_shuffle
 from omg_llava_ros.model.preprocessing import ImagePreprocessor, Letterbox, check_image
 from omg_llava_ros.model.projectors import TextProjector, VisualProjector
@@ -635,9 +635,19 @@ class OmgLlava(nn.Module):
                 seg.mask = seg.mask | mask.cpu().numpy()
                 continue
             query = torch.stack([out.query[0, q], pos[q]]).detach().cpu()
-            segments.append(Segment(None, mask.cpu().numpy(), float(scores[q]), label=name, query=query))
+            mask = mask.cpu().numpy()
             if label >= cfg.num_thing_classes:
+                segments.append(Segment(None, mask, float(scores[q]), label=name, query=query))
                 stuff[label] = len(segments) - 1
+                continue
+            # Two objects alike under one query come out as one segment each ("split" object
+            # tokens); a piece must be as large as 8 cells of the decoder's mask grid.
+            pieces = [mask]
+            if self.config.object_token_grid == "split":
+                cell = (max(mask.shape) / out.mask_logits[-1].shape[-1]) ** 2
+                pieces = separate_pieces(mask, None, min_area=8 * cell)
+            for piece in pieces:
+                segments.append(Segment(None, piece, float(scores[q]), label=name, query=query))
         return segments
 
 

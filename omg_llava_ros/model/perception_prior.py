@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -197,43 +199,51 @@ def split_pieces(
     The token is the query's (same content, so the same colour and shape); the object-location term
     (`object_location`) then tells the pieces apart by their centroids.
     """
-    import cv2
-    import numpy as np
-
     things = [int(q) for q in indices if int(labels[q]) < num_thing_classes]
     stuff = [int(q) for q in indices if int(labels[q]) >= num_thing_classes]
-    binary = (mask_logits[things] >= 0).cpu().numpy().astype(np.uint8)
+    binary = (mask_logits[things] >= 0).cpu().numpy()
     outside = mask_logits.new_tensor(OUTSIDE_PIECE_LOGIT)
     pieces: list[tuple[float, int, torch.Tensor]] = []  # (x centroid, query, logits)
     for i, q in enumerate(things):
-        count, parts, stats, centres = cv2.connectedComponentsWithStats(binary[i], connectivity=8)
-        areas = stats[1:, cv2.CC_STAT_AREA]
-        if count <= 2:  # background + at most one piece
-            x = float(centres[1, 0]) if count == 2 else 0.0
-            pieces.append((x, q, mask_logits[q]))
-            continue
-        largest = int(areas.argmax()) + 1
-        others = np.delete(binary, i, axis=0).any(0) if len(things) > 1 else np.zeros_like(binary[i], dtype=bool)
-        split = [
-            c
-            for c in range(1, count)
-            if c != largest
-            and areas[c - 1] >= min_area
-            and areas[c - 1] >= min_ratio * areas[largest - 1]
-            and (others & (parts == c)).sum() <= 0.5 * areas[c - 1]
-        ]
-        rest = np.isin(parts, split) | (parts == 0)
-        for c in split:
-            piece = torch.from_numpy(parts == c).to(mask_logits.device)
-            pieces.append((float(centres[c, 0]), q, torch.where(piece, mask_logits[q], outside)))
-        kept = torch.from_numpy(~rest).to(mask_logits.device)
-        ys, xs = np.nonzero(~rest)
-        pieces.append((float(xs.mean()), q, torch.where(kept, mask_logits[q], outside) if split else mask_logits[q]))
+        others = np.delete(binary, i, axis=0).any(0) if len(things) > 1 else None
+        found = separate_pieces(binary[i], others, min_area, min_ratio)
+        for piece in found:
+            x = float(np.nonzero(piece)[1].mean()) if piece.any() else 0.0
+            if len(found) > 1:
+                keep = torch.from_numpy(piece).to(mask_logits.device)
+                pieces.append((x, q, torch.where(keep, mask_logits[q], outside)))
+            else:
+                pieces.append((x, q, mask_logits[q]))
     pieces.sort(key=lambda p: p[0])
     index = torch.tensor([q for _, q, _ in pieces] + stuff, dtype=torch.long, device=indices.device)
     logits = [m for _, _, m in pieces] + [mask_logits[q] for q in stuff]
     masks = torch.stack(logits) if logits else mask_logits[:0]
     return index, masks
+
+
+def separate_pieces(
+    mask: np.ndarray, covered: np.ndarray | None = None, min_area: float = 8, min_ratio: float = 0.15
+) -> list[np.ndarray]:
+    """A thing's (h, w) bool mask → the masks of the objects in it: `[mask]` when it is one object,
+    else the largest piece together with the bits too small to be objects, then each other piece
+    (8-connected) of at least `min_area` cells and `min_ratio` of the largest piece, that `covered`
+    (another thing's mask, if given) does not cover for the most part."""
+    count, parts, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    if count <= 2:  # background + at most one piece
+        return [mask]
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    largest = int(areas.argmax()) + 1
+    split = [
+        c
+        for c in range(1, count)
+        if c != largest
+        and areas[c - 1] >= min_area
+        and areas[c - 1] >= min_ratio * areas[largest - 1]
+        and (covered is None or (covered & (parts == c)).sum() <= 0.5 * areas[c - 1])
+    ]
+    if not split:
+        return [mask]
+    return [mask & ~np.isin(parts, split)] + [parts == c for c in split]
 
 
 def literal_prior_resize(logits: torch.Tensor, scale: torch.Tensor, input_size: int, grid: tuple[int, int]):
