@@ -37,8 +37,9 @@ def test_loads_with_no_argument(embedded):
 # The README has the shipped model's figures on 200 samples per task. These bounds sit well below
 # what it measures there (v21: referring answer text 1.00, cIoU 0.90; attribute 0.99, existence
 # 0.975; region caption with a point / box / mask 0.97 / 0.97 / 0.975, region colour with a mask
-# 1.00; caption 0.90; grounded-caption mask mIoU 0.87; panoptic quality 0.91; follow mode 0.88) and on 16 samples of other seeds, so that a broken
-# checkpoint, loader or pipeline fails here while 16-sample noise does not.
+# 1.00; caption 0.90; grounded-caption mask mIoU 0.87; panoptic quality 0.91; follow mode 0.90)
+# and on 16 samples of other seeds, so that a broken checkpoint, loader or pipeline fails here
+# while 16-sample noise does not.
 def test_referring_answers_copy_the_expression_and_ground_the_object(metrics):
     assert metrics["referring"]["text_exact"] >= 0.9
     assert metrics["referring"]["ciou"] >= 0.6

@@ -16,6 +16,7 @@ from omg_llava_ros.model.perception_prior import (
     literal_prior_resize,
     merged_selection,
     perception_prior,
+    piece_followed,
     split_pieces,
 )
 from omg_llava_ros.model.pixel_decoder import MultiScaleDeformableAttention
@@ -408,6 +409,23 @@ def test_split_pieces_gives_each_separate_object_its_own_token():
     assert torch.equal(split.object_masks[0], logits)
     assert sorted(merged.object_indices[0].tolist()) == [0, 1, 2, 3]
     assert torch.equal(merged.object_masks[0], masks[merged.object_indices[0]])
+
+
+def test_a_followed_object_keeps_its_own_piece_of_a_mask_covering_two():
+    mask = np.zeros((40, 40), bool)
+    mask[5:15, 5:15] = True  # the object followed, moved 2 px
+    mask[5:15, 25:35] = True  # its twin, found by the same query
+    previous = np.zeros_like(mask)
+    previous[5:15, 3:13] = True
+    kept = piece_followed(mask, previous)
+    assert kept.sum() == 100 and kept[5:15, 5:15].all()
+    away = np.zeros_like(mask)
+    away[20:24, 30:34] = True  # overlaps neither: the nearest piece
+    assert piece_followed(mask, away)[5:15, 25:35].all() and piece_followed(mask, away).sum() == 100
+    single = mask.copy()
+    single[5:15, 25:35] = False
+    single[9, 15:25] = True  # one piece: unchanged
+    assert np.array_equal(piece_followed(single, previous), single)
 
 
 def test_prior_variants():

@@ -47,7 +47,7 @@ from omg_llava_ros.model.object_location import (
     region_constraints,
 )
 from omg_llava_ros.model.omg_decoder import DecoderMemory, DecoderOutput, OmgDecoder
-from omg_llava_ros.model.perception_prior import PerceptionPrior, perception_prior, separate_pieces
+from omg_llava_ros.model.perception_prior import PerceptionPrior, perception_prior, piece_followed, separate_pieces
 from omg_llava_ros.model.pixel_shuffle import pixel_shuffle
 from omg_llava_ros.model.preprocessing import ImagePreprocessor, Letterbox, check_image
 from omg_llava_ros.model.projectors import TextProjector, VisualProjector
@@ -597,8 +597,13 @@ class OmgLlava(nn.Module):
             return []
         queries = torch.stack([s.query for s in segments]).to(self.device)
         found = self._masks_for_queries(queries, state)
+        split = self.config.object_token_grid == "split"
+        # A piece must be as large as 8 cells of the decoder's stride-4 mask grid (`perceive`).
+        cell = (max(image.shape[:2]) / (self.config.image_encoder.image_size // 4)) ** 2
         for new, old in zip(found, segments, strict=True):
             new.phrase, new.label = old.phrase, old.label
+            if split and old.mask.shape == new.mask.shape:
+                new.mask = piece_followed(new.mask, old.mask, min_area=8 * cell)
         return found
 
     @torch.no_grad()

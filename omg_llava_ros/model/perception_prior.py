@@ -246,6 +246,26 @@ def separate_pieces(
     return [mask & ~np.isin(parts, split)] + [parts == c for c in split]
 
 
+def piece_followed(mask: np.ndarray, previous: np.ndarray, min_area: float = 8) -> np.ndarray:
+    """The part of a followed object's new (H, W) bool mask that is the object of `previous` (its
+    mask on the last frame): with `separate_pieces` of it, the piece overlapping `previous` most (by
+    centroid distance when none overlaps); else `mask` itself.
+
+    Why: a query that covered two objects alike finds both on every new frame; followed from one of
+    them (a split token's `[SEG]`, a split `perceive` segment), the mask must stay on that one.
+    Objects move a few pixels a frame, so the right piece overlaps the last mask."""
+    pieces = separate_pieces(mask, None, min_area)
+    if len(pieces) == 1 or not previous.any():
+        return mask
+    overlaps = [int((p & previous).sum()) for p in pieces]
+    if max(overlaps) > 0:
+        return pieces[int(np.argmax(overlaps))]
+    ys, xs = np.nonzero(previous)
+    centre = np.array([xs.mean(), ys.mean()])
+    dist = [np.linalg.norm(np.array([np.nonzero(p)[1].mean(), np.nonzero(p)[0].mean()]) - centre) for p in pieces]
+    return pieces[int(np.argmin(dist))]
+
+
 def literal_prior_resize(logits: torch.Tensor, scale: torch.Tensor, input_size: int, grid: tuple[int, int]):
     """The official computation, step by step (for tests; memory-hungry at full size)."""
     up = F.interpolate(logits, size=(input_size, input_size), mode="bilinear", align_corners=False)
