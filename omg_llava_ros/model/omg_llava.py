@@ -47,7 +47,13 @@ from omg_llava_ros.model.object_location import (
     region_constraints,
 )
 from omg_llava_ros.model.omg_decoder import DecoderMemory, DecoderOutput, OmgDecoder
-from omg_llava_ros.model.perception_prior import PerceptionPrior, perception_prior, piece_followed, separate_pieces
+from omg_llava_ros.model.perception_prior import (
+    PIECE_MIN_CELLS,
+    PerceptionPrior,
+    perception_prior,
+    piece_followed,
+    separate_pieces,
+)
 from omg_llava_ros.model.pixel_shuffle import pixel_shuffle
 from omg_llava_ros.model.preprocessing import ImagePreprocessor, Letterbox, check_image
 from omg_llava_ros.model.projectors import TextProjector, VisualProjector
@@ -598,13 +604,16 @@ class OmgLlava(nn.Module):
         queries = torch.stack([s.query for s in segments]).to(self.device)
         found = self._masks_for_queries(queries, state)
         split = self.config.object_token_grid == "split"
-        # A piece must be as large as 8 cells of the decoder's stride-4 mask grid (`perceive`).
-        cell = (max(image.shape[:2]) / (self.config.image_encoder.image_size // 4)) ** 2
         for new, old in zip(found, segments, strict=True):
             new.phrase, new.label = old.phrase, old.label
             if split and old.mask.shape == new.mask.shape:
-                new.mask = piece_followed(new.mask, old.mask, min_area=8 * cell)
+                new.mask = piece_followed(new.mask, old.mask, self._piece_min_area(new.mask.shape))
         return found
+
+    def _piece_min_area(self, shape: tuple[int, ...]) -> float:
+        """PIECE_MIN_CELLS of the decoder's stride-4 mask grid, in pixels of an image of `shape`."""
+        cell = max(shape[:2]) / (self.config.image_encoder.image_size // 4)
+        return PIECE_MIN_CELLS * cell**2
 
     @torch.no_grad()
     def perceive(self, image: np.ndarray) -> list[Segment]:
@@ -645,12 +654,10 @@ class OmgLlava(nn.Module):
                 segments.append(Segment(None, mask, float(scores[q]), label=name, query=query))
                 stuff[label] = len(segments) - 1
                 continue
-            # Two objects alike under one query come out as one segment each ("split" object
-            # tokens); a piece must be as large as 8 cells of the decoder's mask grid.
+            # Two objects alike under one query come out as one segment each ("split" object tokens).
             pieces = [mask]
             if self.config.object_token_grid == "split":
-                cell = (max(mask.shape) / out.mask_logits[-1].shape[-1]) ** 2
-                pieces = separate_pieces(mask, None, min_area=8 * cell)
+                pieces = separate_pieces(mask, None, self._piece_min_area(mask.shape))
             for piece in pieces:
                 segments.append(Segment(None, piece, float(scores[q]), label=name, query=query))
         return segments

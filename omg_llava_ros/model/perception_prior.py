@@ -38,12 +38,15 @@ class PerceptionPrior:
     object_tokens: list[torch.Tensor]
     object_indices: list[torch.Tensor]
     prob: torch.Tensor
-    object_masks: list[torch.Tensor] | None = None
+    object_masks: list[torch.Tensor]
     object_centroids: list[torch.Tensor] | None = None
 
 
 # What the logits of a mask outside its piece become ("split"): well below zero.
 OUTSIDE_PIECE_LOGIT = -10.0
+# The least area of a piece that counts as an object of its own, in cells of the decoder's stride-4
+# mask grid (`separate_pieces`).
+PIECE_MIN_CELLS = 8
 
 
 def bilinear_matrix(src: int, dst: int, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -182,7 +185,7 @@ def split_pieces(
     labels: torch.Tensor,
     mask_logits: torch.Tensor,
     num_thing_classes: int,
-    min_area: int = 8,
+    min_area: float = PIECE_MIN_CELLS,
     min_ratio: float = 0.15,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One object token per separate piece of a thing's mask: indices (n,) as `merged_selection`
@@ -222,7 +225,7 @@ def split_pieces(
 
 
 def separate_pieces(
-    mask: np.ndarray, covered: np.ndarray | None = None, min_area: float = 8, min_ratio: float = 0.15
+    mask: np.ndarray, covered: np.ndarray | None = None, min_area: float = PIECE_MIN_CELLS, min_ratio: float = 0.15
 ) -> list[np.ndarray]:
     """A thing's (h, w) bool mask → the masks of the objects in it: `[mask]` when it is one object,
     else the largest piece together with the bits too small to be objects, then each other piece
@@ -246,7 +249,7 @@ def separate_pieces(
     return [mask & ~np.isin(parts, split)] + [parts == c for c in split]
 
 
-def piece_followed(mask: np.ndarray, previous: np.ndarray, min_area: float = 8) -> np.ndarray:
+def piece_followed(mask: np.ndarray, previous: np.ndarray, min_area: float = PIECE_MIN_CELLS) -> np.ndarray:
     """The part of a followed object's new (H, W) bool mask that is the object of `previous` (its
     mask on the last frame): with `separate_pieces` of it, the piece overlapping `previous` most (by
     centroid distance when none overlaps); else `mask` itself.
