@@ -132,7 +132,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
     sections = tuple(args.only) if args.only else SECTIONS
-    result = evaluate(model, samples=args.samples, seed=args.seed, sections=sections)
+    result = evaluate(
+        model, samples=args.samples, seed=args.seed, sections=sections, size=args.size, renderer=args.renderer
+    )
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
 
@@ -185,12 +187,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", default=None, help="model directory (default: the embedded model)")
     ev.add_argument("--samples", type=int, default=200, help="samples per task")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--size", type=int, default=256, help="canvas size the scenes are drawn at (pixels)")
     ev.add_argument("--threads", type=int, default=2)
     ev.add_argument(
         "--only",
         nargs="+",
         default=None,
         help="sections: referring text region grounded_caption panoptic follow referring_alike",
+    )
+    ev.add_argument(
+        "--renderer",
+        choices=("ours", "pil"),
+        default="ours",
+        help="who draws the scenes: our renderer, or an independent Pillow one (robustness)",
     )
     ev.add_argument("--json", action="store_true", help="one line of JSON")
     ev.set_defaults(func=cmd_eval)

@@ -9,6 +9,7 @@ frame (within the limits), which looks like things being pushed around rather th
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -89,11 +90,13 @@ def sample_moving_scene(
     num_objects: int | None = None,
     antialias: AntiAlias | bool = "none",
     ref_mode: str = "shortest",
+    draw: Callable[[Scene, int], RenderedScene] | None = None,
 ) -> MovingScene:
     """A scene and `num_frames` moved copies, rendered at `size`, with a command on frame 0.
 
     Geometry lives in native units, so the 6 px / 10 degree limits scale with `size`. The table's
     grey level is kept and its noise redrawn per frame; frame t's noise seed is stored in scenes[t].
+    `draw(scene, size)` renders a frame instead of `render` (another renderer; `antialias` unused).
     """
     if num_frames < 1:
         raise ValueError("num_frames must be >= 1")
@@ -106,6 +109,6 @@ def sample_moving_scene(
     for _ in range(num_frames - 1):
         moved = step_scene(rng, scenes[-1], velocity, spin)
         scenes.append(replace(moved, noise_seed=int(rng.integers(2**63 - 1))))
-    frames = [render(s, size, antialias=antialias) for s in scenes]
+    frames = [draw(s, size) if draw else render(s, size, antialias=antialias) for s in scenes]
     command = sample_referring_segmentation(rng, frames[0], ref_mode=ref_mode)
     return MovingScene(scenes=scenes, frames=frames, target=command.object_ids[0], command=command)

@@ -31,6 +31,7 @@ from omg_llava_ros.toyworld import (
     sample_scene,
 )
 from omg_llava_ros.toyworld.referring import referable_objects
+from omg_llava_ros.toyworld.render_pil import pil_options, random_render_pil, render_pil
 from omg_llava_ros.toyworld.scene import MAX_OBJECTS
 from omg_llava_ros.training.data import with_duplicate
 
@@ -71,9 +72,19 @@ class IoUAccumulator:
         return float(np.mean(self.ious)) if self.ious else 0.0
 
 
-def _scene(rng: np.random.Generator, size: int):
+RENDERERS = ("ours", "pil")
+
+
+def _draw(rng: np.random.Generator, scene, size: int, renderer: str):
+    """`scene` drawn by our renderer (a random anti-aliasing mode) or by the Pillow one (random options)."""
+    if renderer == "pil":
+        return random_render_pil(scene, size, rng)
     mode = ANTIALIAS_MODES[int(rng.integers(len(ANTIALIAS_MODES)))]
-    return render(sample_scene(rng), size=size, rng=rng, antialias=mode)
+    return render(scene, size=size, rng=rng, antialias=mode)
+
+
+def _scene(rng: np.random.Generator, size: int, renderer: str = "ours"):
+    return _draw(rng, sample_scene(rng), size, renderer)
 
 
 def panoptic_quality(pred: list, rendered, class_names: tuple[str, ...]) -> dict[str, list[float]]:
@@ -104,13 +115,12 @@ def panoptic_quality(pred: list, rendered, class_names: tuple[str, ...]) -> dict
 SECTIONS = ("referring", "text", "region", "grounded_caption", "panoptic", "follow", "referring_alike")
 
 
-def _alike_target(rng: np.random.Generator, size: int):
+def _alike_target(rng: np.random.Generator, size: int, renderer: str = "ours"):
     """A scene with two objects alike and one of them that some expression names, as (rendered,
     target, its twins)."""
     while True:
-        mode = ANTIALIAS_MODES[int(rng.integers(len(ANTIALIAS_MODES)))]
         scene = with_duplicate(rng, sample_scene(rng, num_objects=int(rng.integers(2, MAX_OBJECTS + 1))))
-        rendered = render(scene, size=size, rng=rng, antialias=mode)
+        rendered = _draw(rng, scene, size, renderer)
         names = [(o.color, o.shape) for o in rendered.objects]
         alike = [i for i in referable_objects(rendered) if names.count(names[i]) > 1]
         if alike:
@@ -125,20 +135,24 @@ def evaluate(
     size: int = 256,
     follow_frames: int = 10,
     sections: tuple[str, ...] = SECTIONS,
+    renderer: str = "ours",
 ) -> dict:
-    """The metrics of `sections` on `samples` fresh scenes per task; returns a JSON-ready dict."""
+    """The metrics of `sections` on `samples` fresh scenes per task, drawn by `renderer` ("ours", or
+    "pil": the independent Pillow renderer); returns a JSON-ready dict."""
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         raise ValueError(f"unknown sections {sorted(unknown)}; known: {SECTIONS}")
+    if renderer not in RENDERERS:
+        raise ValueError(f"unknown renderer {renderer!r}; known: {RENDERERS}")
     t0 = time.monotonic()
     rng = np.random.default_rng(EVAL_SEED_OFFSET + seed)
-    out: dict = {"samples_per_task": samples, "seed": seed}
+    out: dict = {"samples_per_task": samples, "seed": seed, "size": size, "renderer": renderer}
 
     ref = IoUAccumulator()
     exact: dict[str, list[bool]] = defaultdict(list)
     gcg_ious: list[float] = []
     for _ in range(samples if "referring" in sections else 0):
-        rendered = _scene(rng, size)
+        rendered = _scene(rng, size, renderer)
         s = sample_conversation(rng, rendered, "referring_segmentation", ref_mode="shortest")
         res = model.chat(rendered.image, s.question)
         pred = res.segments[0].mask if res.segments else np.zeros_like(s.target_masks[0])
@@ -149,20 +163,20 @@ def evaluate(
 
     for task in ("counting", "attribute", "existence", "caption") if "text" in sections else ():
         for _ in range(samples):
-            rendered = _scene(rng, size)
+            rendered = _scene(rng, size, renderer)
             s = sample_conversation(rng, rendered, task, ref_mode="shortest")
             exact[task].append(model.chat(rendered.image, s.question).text == s.answer)
 
     for kind in ("point", "box", "mask") if "region" in sections else ():
         for task in ("region_caption", "region_color"):
             for _ in range(samples if task == "region_caption" else max(1, samples // 4)):
-                rendered = _scene(rng, size)
+                rendered = _scene(rng, size, renderer)
                 s = _region_sample(rng, rendered, task, kind)
                 res = model.chat(rendered.image, s.question, prompts=[to_model_prompt(p) for p in s.prompts])
                 exact[f"{task}_{kind}"].append(res.text == s.answer)
 
     for _ in range(samples if "grounded_caption" in sections else 0):
-        rendered = _scene(rng, size)
+        rendered = _scene(rng, size, renderer)
         s = sample_conversation(rng, rendered, "grounded_caption")
         res = model.chat(rendered.image, s.question)
         exact["grounded_caption"].append(res.text == s.answer)
@@ -174,7 +188,7 @@ def evaluate(
 
     totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0, 0, 0])
     for _ in range(samples if "panoptic" in sections else 0):
-        rendered = _scene(rng, size)
+        rendered = _scene(rng, size, renderer)
         for label, st in panoptic_quality(
             model.perceive(rendered.image), rendered, model.config.decoder.class_names
         ).items():
@@ -189,8 +203,15 @@ def evaluate(
         out["panoptic_quality"] = float(np.mean(pqs)) if pqs else 0.0
 
     follow_ious = []
+    # The Pillow renderer's options (one set per moving scene) and noise come from a generator of
+    # their own, so that "ours" draws the same scenes as before it existed.
+    frame_rng = np.random.default_rng(EVAL_SEED_OFFSET + seed + 1) if renderer == "pil" else None
     for _ in range(max(1, samples // 4) if "follow" in sections else 0):
-        moving = sample_moving_scene(rng, num_frames=follow_frames, size=size)
+        draw = None
+        if frame_rng is not None:
+            options = pil_options(frame_rng)
+            draw = lambda scene, px, o=options: render_pil(scene, px, frame_rng, **o)  # noqa: E731
+        moving = sample_moving_scene(rng, num_frames=follow_frames, size=size, draw=draw)
         res = model.chat(moving.frames[0].image, moving.command.question)
         targets = moving.target_masks
         if not res.segments:
@@ -206,7 +227,7 @@ def evaluate(
 
     alike, twin = IoUAccumulator(), []
     for _ in range(samples if "referring_alike" in sections else 0):
-        rendered, t, twins = _alike_target(rng, size)
+        rendered, t, twins = _alike_target(rng, size, renderer)
         s = sample_referring_segmentation(rng, rendered, target=t, ref_mode="shortest")
         res = model.chat(rendered.image, s.question)
         pred = res.segments[0].mask if res.segments else np.zeros_like(s.target_masks[0])
