@@ -114,6 +114,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         stages=tuple(args.stages),
         perception_from=args.perception_from,
         bf16=args.bf16,
+        budget_minutes=args.minutes,
         **{k: v for k, v in steps.items() if v is not None},  # unset: TrainConfig's defaults
     )
     t0 = time.monotonic()
@@ -173,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--stage4-steps", type=int, default=None, help="default: TrainConfig's")
     tr.add_argument("--stage5-steps", type=int, default=None, help="default: TrainConfig's")
     tr.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
+    tr.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="fit the whole run into this many minutes: each stage gets its share and as many steps "
+        "as fit (default: the full recipe's step counts)",
+    )
     tr.add_argument("--no-prior", action="store_true", help="ablation: zero the perception-prior embedding")
     tr.add_argument("--perception-from", default=None, help="reuse a trained stage-0 checkpoint folder")
     tr.add_argument(

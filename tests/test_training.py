@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -113,6 +114,31 @@ def test_stage0_resumes_from_its_checkpoint(tmp_path):
     trainer.train(trainer.TrainConfig(**{**cfg.__dict__, "stage0_steps": 3}))
     assert json.loads((tmp_path / "stage0" / "progress.json").read_text())["step"] == 3
     assert (tmp_path / "stage0" / "model.safetensors").read_bytes() != first
+
+
+def test_a_budgeted_run_fits_each_stage_to_its_share_of_the_minutes(tmp_path, monkeypatch):
+    """`train --minutes`: a stage measures its pace and runs as many steps as its share allows; the
+    count is kept for resumption, and a stage with no share is skipped. Time is simulated (2 s a step)."""
+    now = [0.0]
+
+    def step(model, batch, cfg, semantic=None):
+        now[0] += 2.0
+        return {"loss": 0.0}
+
+    monkeypatch.setattr(trainer, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    monkeypatch.setattr(trainer, "stage0_step", step)
+    share = trainer.BUDGET_SHARES[0]
+    cfg = trainer.TrainConfig(
+        out_dir=str(tmp_path), stage0_batch=1, stages=(0, 3), bf16=False, threads=1, budget_minutes=80 / 60 / share
+    )
+    trainer.train(cfg)
+    assert json.loads((tmp_path / "stage0" / "DONE").read_text())["steps"] == 40  # 80 s at 2 s a step
+    assert json.loads((tmp_path / "stage0" / "progress.json").read_text())["total"] == 40
+    assert not (tmp_path / "stage3").exists() and trainer.BUDGET_SHARES[3] == 0
+    # Never more than the configured steps, never fewer than already run.
+    assert trainer.budgeted_steps(25, 50.0, 2.0, 100 / 60, most=30) == 30
+    assert trainer.budgeted_steps(25, 60.0, 2.0, 0.5, most=1000) == 25
+    assert trainer.stage_lr(cfg, 0, 399, total=400) == pytest.approx(0.05 * cfg.stage0_lr, rel=0.05)
 
 
 def test_bf16_autocast_only_where_the_cpu_has_native_bf16_unless_told(monkeypatch):

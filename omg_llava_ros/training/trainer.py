@@ -159,6 +159,10 @@ class TrainConfig:
     bf16: bool | None = None
     threads: int = 2
     stages: tuple[int, ...] = (0, 1, 2, 3, 4, 5)
+    # A wall-clock budget for the whole run (`train --minutes`), None: the step counts above. Each
+    # stage gets its `BUDGET_SHARES` part, measures its pace over a few steps and sets its step
+    # count (and so its learning-rate schedule) to what fits; stages with no share are skipped.
+    budget_minutes: float | None = None
     perception_from: str | None = None  # reuse a trained stage-0 checkpoint (for the ablation)
     extra: dict = field(default_factory=dict)
 
@@ -201,6 +205,19 @@ def scalars(**terms: torch.Tensor) -> dict[str, float]:
     return {k: float(v.detach()) for k, v in terms.items()}
 
 
+# Parts of `TrainConfig.budget_minutes` per stage: about the default recipe's split (perception,
+# then instruction tuning, carry the quality), without stage 3, whose counting and existence
+# questions stage 4's mix also asks.
+BUDGET_SHARES = {0: 0.45, 1: 0.03, 2: 0.40, 3: 0.0, 4: 0.08, 5: 0.04}
+PACE_FROM, PACE_TO = 5, 25  # steps over which a budgeted stage measures its pace (after the first ones)
+
+
+def budgeted_steps(step: int, spent: float, pace: float, minutes: float, most: int) -> int:
+    """Total steps of a stage that has spent `spent` s at `step`, going `pace` s a step, so that it
+    ends within `minutes` (never more than `most`, never fewer than it has run)."""
+    return max(step, min(most, step + int((minutes * 60 - spent) / pace)))
+
+
 def cosine_lr(step: int, total: int, base: float, warmup: int = 50) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
@@ -208,10 +225,12 @@ def cosine_lr(step: int, total: int, base: float, warmup: int = 50) -> float:
     return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def stage_lr(cfg: TrainConfig, stage: int, step: int) -> float:
-    """The learning rate of `stage` at `step`: one warmup + cosine cycle over the stage's steps; for
-    stage 0 a new cycle starts at each of `stage0_restarts` before the last step, from its own rate."""
-    total, base = getattr(cfg, f"stage{stage}_steps"), getattr(cfg, f"stage{stage}_lr")
+def stage_lr(cfg: TrainConfig, stage: int, step: int, total: int | None = None) -> float:
+    """The learning rate of `stage` at `step`: one warmup + cosine cycle over the stage's `total`
+    steps (default: its configured steps); for stage 0 a new cycle starts at each of
+    `stage0_restarts` before the last step, from its own rate."""
+    total = total if total is not None else getattr(cfg, f"stage{stage}_steps")
+    base = getattr(cfg, f"stage{stage}_lr")
     starts = [(0, base)]
     if stage == 0:
         starts += sorted((s, lr) for s, lr in cfg.stage0_restarts if 0 < s < total)
@@ -238,7 +257,14 @@ class Clock:
 
 # -- checkpoints -----------------------------------------------------------------------------------
 def save_checkpoint(
-    path: Path, model: OmgLlava, optimizer, stage: int, step: int, spent: float, aux: torch.nn.Module | None = None
+    path: Path,
+    model: OmgLlava,
+    optimizer,
+    stage: int,
+    step: int,
+    spent: float,
+    aux: torch.nn.Module | None = None,
+    total: int | None = None,
 ) -> None:
     from safetensors.torch import save_file
 
@@ -251,7 +277,10 @@ def save_checkpoint(
     torch.save(optimizer.state_dict(), path / "optimizer.tmp")
     (path / "model.tmp").replace(path / "model.safetensors")
     (path / "optimizer.tmp").replace(path / "optimizer.pt")
-    (path / "progress.json").write_text(json.dumps({"stage": stage, "step": step, "spent": spent}))
+    progress = {"stage": stage, "step": step, "spent": spent}
+    if total is not None:  # a budgeted stage's step count, kept across resumptions
+        progress["total"] = total
+    (path / "progress.json").write_text(json.dumps(progress))
 
 
 def load_progress(path: Path) -> dict | None:
@@ -896,6 +925,9 @@ def binary_iou(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
 # -- the loop --------------------------------------------------------------------------------------
 def run_stage(model: OmgLlava, cfg: TrainConfig, out: Path, stage: int, start: dict | None) -> None:
     minutes, total, lr = (getattr(cfg, f"stage{stage}_{name}") for name in ("minutes", "steps", "lr"))
+    budgeted = cfg.budget_minutes is not None
+    if budgeted:
+        minutes = cfg.budget_minutes * BUDGET_SHARES[stage]
     model.requires_grad_(False)
     if stage == 0:
         params = perception_parameters(model)
@@ -939,6 +971,7 @@ def run_stage(model: OmgLlava, cfg: TrainConfig, out: Path, stage: int, start: d
     ckpt = out / f"stage{stage}"
     if start and start["stage"] == stage:
         step, spent = start["step"], start["spent"]
+        total = start.get("total", total)
         if aux is not None and (ckpt / "aux.safetensors").is_file():
             from safetensors.torch import load_file
 
@@ -949,10 +982,11 @@ def run_stage(model: OmgLlava, cfg: TrainConfig, out: Path, stage: int, start: d
     rng = np.random.default_rng([cfg.seed, stage, step])
     last_save = time.monotonic()
     history: list[dict[str, float]] = []
+    paced_from = None  # (step, spent) where a budgeted stage starts measuring its pace
     cls_names = model.config.decoder.class_names
     while step < total and not clock.done():
         for group in opt.param_groups:
-            group["lr"] = stage_lr(cfg, stage, step) * group.get("lr_scale", 1.0)
+            group["lr"] = stage_lr(cfg, stage, step, total) * group.get("lr_scale", 1.0)
         if stage == 0:
             batch = data.perception_batch(rng, cfg.stage0_batch, 256, cls_names, cfg.prompts_per_image)
             stats = stage0_step(model, batch, cfg, semantic)
@@ -986,6 +1020,12 @@ def run_stage(model: OmgLlava, cfg: TrainConfig, out: Path, stage: int, start: d
         opt.zero_grad(set_to_none=True)
         step += 1
         history.append(stats)
+        if budgeted and step == PACE_FROM:
+            paced_from = (step, clock.spent)
+        if budgeted and paced_from is not None and step == PACE_TO:
+            pace = (clock.spent - paced_from[1]) / (step - paced_from[0])
+            total = budgeted_steps(step, clock.spent, pace, minutes, total)
+            log.info("stage %d: %.2f s a step, %d steps fit its %.1f min", stage, pace, total, minutes)
         if step % 25 == 0:
             recent = history[-25:]
             mean = {k: round(float(np.mean([h.get(k, 0.0) for h in recent])), 4) for k in set().union(*recent)}
@@ -993,9 +1033,9 @@ def run_stage(model: OmgLlava, cfg: TrainConfig, out: Path, stage: int, start: d
             with (out / "log.jsonl").open("a") as f:
                 f.write(json.dumps({"stage": stage, "step": step, "minutes": clock.spent / 60, **mean}) + "\n")
         if time.monotonic() - last_save > cfg.checkpoint_minutes * 60:
-            save_checkpoint(ckpt, model, opt, stage, step, clock.spent, aux)
+            save_checkpoint(ckpt, model, opt, stage, step, clock.spent, aux, total if budgeted else None)
             last_save = time.monotonic()
-    save_checkpoint(ckpt, model, opt, stage, step, clock.spent, aux)
+    save_checkpoint(ckpt, model, opt, stage, step, clock.spent, aux, total if budgeted else None)
     (ckpt / "DONE").write_text(json.dumps({"steps": step, "minutes": clock.spent / 60}))
     log.info("stage %d done: %d steps in %.1f min", stage, step, clock.spent / 60)
     model.eval()
@@ -1038,6 +1078,9 @@ def train(cfg: TrainConfig) -> OmgLlava:
         model.load_state_dict(vision, strict=False)
     for stage in cfg.stages:
         if (out / f"stage{stage}" / "DONE").exists():
+            continue
+        if cfg.budget_minutes is not None and BUDGET_SHARES[stage] == 0:
+            log.info("stage %d: no share of the %.0f-minute budget, skipped", stage, cfg.budget_minutes)
             continue
         start = resume if resume is not None and resume["stage"] == stage else None
         run_stage(model, cfg, out, stage, start)
