@@ -127,6 +127,7 @@ def test_a_budgeted_run_fits_each_stage_to_its_share_of_the_minutes(tmp_path, mo
 
     monkeypatch.setattr(trainer, "time", SimpleNamespace(monotonic=lambda: now[0]))
     monkeypatch.setattr(trainer, "stage0_step", step)
+    monkeypatch.setattr(trainer.data, "perception_batch", lambda *args: None)  # no scenes needed
     share = trainer.BUDGET_SHARES[0]
     cfg = trainer.TrainConfig(
         out_dir=str(tmp_path), stage0_batch=1, stages=(0, 3), bf16=False, threads=1, budget_minutes=80 / 60 / share
@@ -135,6 +136,21 @@ def test_a_budgeted_run_fits_each_stage_to_its_share_of_the_minutes(tmp_path, mo
     assert json.loads((tmp_path / "stage0" / "DONE").read_text())["steps"] == 40  # 80 s at 2 s a step
     assert json.loads((tmp_path / "stage0" / "progress.json").read_text())["total"] == 40
     assert not (tmp_path / "stage3").exists() and trainer.BUDGET_SHARES[3] == 0
+    # A stage that speeds up after its first steps (3 s a step, then 1 s) refits its count as it
+    # goes, and so uses its time rather than the first estimate's share of it.
+    now[0], seconds = 0.0, iter([3.0] * 30 + [1.0] * 1000)
+
+    def uneven(model, batch, cfg, semantic=None):
+        now[0] += next(seconds)
+        return {"loss": 0.0}
+
+    monkeypatch.setattr(trainer, "stage0_step", uneven)
+    cfg = trainer.TrainConfig(
+        **{**cfg.__dict__, "out_dir": str(tmp_path / "uneven"), "budget_minutes": 400 / 60 / share}
+    )
+    trainer.train(cfg)
+    done = json.loads((tmp_path / "uneven" / "stage0" / "DONE").read_text())
+    assert 0.9 * 400 <= done["minutes"] * 60 <= 400 and done["steps"] > 300  # one early fit: 133 steps
     # Never more than the configured steps, never fewer than already run.
     assert trainer.budgeted_steps(25, 50.0, 2.0, 100 / 60, most=30) == 30
     assert trainer.budgeted_steps(25, 60.0, 2.0, 0.5, most=1000) == 25
