@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from test_toyworld import AREA_RATIOS  # area / circumcircle area, closed form per shape
 
 from omg_llava_ros.toyworld import render, sample_moving_scene, sample_scene
 from omg_llava_ros.toyworld.render_pil import pil_options, random_render_pil, render_pil
@@ -32,16 +33,9 @@ def test_areas_and_centroids_agree_with_our_renderer():
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_each_shape_has_its_closed_form_area(shape):
-    ratio = {
-        "circle": 1.0,
-        "square": 2 / math.pi,
-        "triangle": 3 * math.sqrt(3) / 4 / math.pi,
-        "star": 5 * 0.45 * math.sin(math.radians(36)) / math.pi,
-        "cross": 2 / math.pi,
-    }[shape]
     obj = make_object(shape, "blue", (128.0, 128.0), 40, 17.0)
     area = render_pil(Scene((obj,), table_grey=120), 512, supersample=4).objects[0].area
-    assert area / (math.pi * 80**2) == pytest.approx(ratio, rel=0.02)
+    assert area / (math.pi * 80**2) == pytest.approx(AREA_RATIOS[shape], rel=0.02)
 
 
 def test_masks_are_disjoint_and_the_image_matches_them():

@@ -187,6 +187,30 @@ def _crop(obj: ObjectSpec, scale: float, size: int) -> tuple[int, int, int, int]
     return x0, y0, x1, y1
 
 
+def object_ground_truth(
+    index: int, obj: ObjectSpec, panoptic: np.ndarray, crop: tuple[int, int, int, int] | None = None
+) -> ObjectGT:
+    """The ground truth of object `index` from a panoptic map (its pixels are label `index + 1`);
+    `crop` (x0, y0, x1, y1), when given, bounds where they are looked for."""
+    height, width = panoptic.shape
+    x0, y0, x1, y1 = crop if crop is not None else (0, 0, width, height)
+    ys, xs = np.nonzero(panoptic[y0:y1, x0:x1] == index + 1)
+    if len(xs) == 0:
+        raise ValueError(f"object {index} covers no pixel at size {width}")
+    xs, ys = xs + x0, ys + y0
+    return ObjectGT(
+        index=index,
+        shape=obj.shape,
+        color=obj.color,
+        size=obj.size,
+        rgb=obj.rgb,
+        mask=panoptic == index + 1,
+        box=(int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1),
+        centroid=(float(xs.mean()), float(ys.mean())),
+        area=len(xs),
+    )
+
+
 def render(
     scene: Scene,
     size: int = NATIVE_SIZE,
@@ -241,23 +265,8 @@ def render(
         img += noise
     image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
-    objects: list[ObjectGT] = []
-    for k, (obj, (x0, y0, x1, y1)) in enumerate(zip(scene.objects, crops, strict=True)):
-        ys, xs = np.nonzero(panoptic[y0:y1, x0:x1] == k + 1)
-        if len(xs) == 0:
-            raise ValueError(f"object {k} covers no pixel at size {size}")
-        xs, ys = xs + x0, ys + y0
-        objects.append(
-            ObjectGT(
-                index=k,
-                shape=obj.shape,
-                color=obj.color,
-                size=obj.size,
-                rgb=obj.rgb,
-                mask=panoptic == k + 1,
-                box=(int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1),
-                centroid=(float(xs.mean()), float(ys.mean())),
-                area=len(xs),
-            )
-        )
+    objects = [
+        object_ground_truth(k, obj, panoptic, crop)
+        for k, (obj, crop) in enumerate(zip(scene.objects, crops, strict=True))
+    ]
     return RenderedScene(image=image, panoptic=panoptic, objects=objects, scene=scene, size=size)

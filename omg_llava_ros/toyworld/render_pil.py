@@ -17,7 +17,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-from omg_llava_ros.toyworld.render import MIN_RENDER_SIZE, ObjectGT, RenderedScene
+from omg_llava_ros.toyworld.render import MIN_RENDER_SIZE, RenderedScene, object_ground_truth
 from omg_llava_ros.toyworld.scene import NATIVE_SIZE, STAR_INNER_RATIO, ObjectSpec, Scene
 
 
@@ -98,25 +98,7 @@ def render_pil(
         canvas += noise
     image = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
 
-    objects = []
-    for k, obj in enumerate(scene.objects):
-        mask = panoptic == k + 1
-        ys, xs = np.nonzero(mask)
-        if len(xs) == 0:
-            raise ValueError(f"object {k} covers no pixel at size {size}")
-        objects.append(
-            ObjectGT(
-                index=k,
-                shape=obj.shape,
-                color=obj.color,
-                size=obj.size,
-                rgb=obj.rgb,
-                mask=mask,
-                box=(int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1),
-                centroid=(float(xs.mean()), float(ys.mean())),
-                area=len(xs),
-            )
-        )
+    objects = [object_ground_truth(k, obj, panoptic) for k, obj in enumerate(scene.objects)]
     return RenderedScene(image=image, panoptic=panoptic, objects=objects, scene=scene, size=size)
 
 

@@ -160,8 +160,8 @@ class TrainConfig:
     threads: int = 2
     stages: tuple[int, ...] = (0, 1, 2, 3, 4, 5)
     # A wall-clock budget for the whole run (`train --minutes`), None: the step counts above. Each
-    # stage gets its `BUDGET_SHARES` part, measures its pace over a few steps and sets its step
-    # count (and so its learning-rate schedule) to what fits; stages with no share are skipped.
+    # stage gets its `BUDGET_SHARES` part, measures its pace as it goes and sets its step count (and
+    # so its learning-rate schedule) to what fits; stages with no share are skipped.
     budget_minutes: float | None = None
     perception_from: str | None = None  # reuse a trained stage-0 checkpoint (for the ablation)
     extra: dict = field(default_factory=dict)
@@ -210,10 +210,10 @@ def scalars(**terms: torch.Tensor) -> dict[str, float]:
 # questions stage 4's mix also asks.
 BUDGET_SHARES = {0: 0.45, 1: 0.03, 2: 0.40, 3: 0.0, 4: 0.08, 5: 0.04}
 # A budgeted stage measures its pace from its PACE_FROM-th step on (the first ones are slow) and
-# fits its step count at PACE_FROM + 20 steps, then again every REFIT_EVERY steps over all steps
-# measured: v22's stage 0 went 2.45 s a step over its first steps and 2.1 on average, and a single
-# early fit left 5.6 of its 40.5 minutes unused.
-PACE_FROM, REFIT_EVERY = 5, 100
+# fits its step count FIRST_FIT steps later, then again every REFIT_EVERY steps over all steps
+# measured: the 90-minute run's stage 0 went 2.45 s a step over its first steps and 2.1 on
+# average, and a single early fit left 5.6 of its 40.5 minutes unused.
+PACE_FROM, FIRST_FIT, REFIT_EVERY = 5, 20, 100
 
 
 def budgeted_steps(step: int, spent: float, pace: float, minutes: float, most: int) -> int:
@@ -1027,7 +1027,7 @@ def run_stage(model: OmgLlava, cfg: TrainConfig, out: Path, stage: int, start: d
         history.append(stats)
         if budgeted and step == began + PACE_FROM:
             paced_from = (step, clock.spent)
-        if budgeted and paced_from is not None and (step - paced_from[0]) % REFIT_EVERY == 20:
+        if budgeted and paced_from is not None and (step - paced_from[0]) % REFIT_EVERY == FIRST_FIT:
             pace = (clock.spent - paced_from[1]) / (step - paced_from[0])
             # Never past the configured steps: a refit may shorten but not lengthen beyond them.
             total = budgeted_steps(step, clock.spent, pace, minutes, getattr(cfg, f"stage{stage}_steps"))
