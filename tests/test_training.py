@@ -78,6 +78,39 @@ def test_semantic_loss_weights_objects_above_the_table():
     assert loss_table > 2 * trainer.semantic_loss(all_table, targets, background_weight=1.0)
 
 
+def test_prompts_decoded_beside_the_panoptic_queries_match_each_decoded_alone():
+    """Stage 0's one joint pass (`decode_with_prompts`) must give what inference gets: the panoptic
+    queries of each image on their own, and each prompt alone over its image's memory."""
+    from omg_llava_ros import OmgLlava
+
+    model = OmgLlava.from_pretrained()  # trained: the predicted masks restrict the attention
+    dec = model.omg_decoder
+    rng = np.random.default_rng(11)
+    batch = data.perception_batch(rng, 3, 256, dec.config.class_names, prompts_per_image=2)
+    batch.prompts = batch.prompts[1:]  # images with 1 and 2 prompts: unused slots in the joint pass
+    with torch.no_grad():
+        memory = dec.encode_memory(model.image_encoder(trainer.pixels_of(model, batch.images)))
+        joint, prompt_masks = trainer.decode_with_prompts(model, memory, batch.prompts, class_per_layer=True)
+        q, pos = dec.panoptic_queries(len(batch.images))
+        alone = dec.decode(q, pos, memory, class_per_layer=True)
+        for a, b in zip(joint.mask_logits, alone.mask_logits, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(joint.class_logits, alone.class_logits, atol=1e-4, rtol=1e-4)
+        for k, p in enumerate(batch.prompts):
+            encoded = [trainer.to_encoded(p.prompt)]
+            pq, ppos = model.prompt_encoder.queries(encoded)
+            mem = trainer.select_memory(memory, slice(p.image_index, p.image_index + 1))
+            single = dec.decode(pq, ppos, mem, model.prompt_encoder.constraints(encoded, memory.level_shapes))
+            assert len(single.mask_logits) == len(prompt_masks)
+            for a, b in zip(prompt_masks, single.mask_logits, strict=True):
+                torch.testing.assert_close(a[k], b[0], atol=1e-4, rtol=1e-4)
+    # The prompts are decoded, not copied from the panoptic masks: each finds its own object.
+    for k, p in enumerate(batch.prompts):
+        found = prompt_masks[-1][k, 0] > 0
+        gt = torch.as_tensor(p.mask[2::4, 2::4])
+        assert (found & gt).sum() / (found | gt).sum() > 0.5
+
+
 def test_stage0_steps_lower_the_loss_on_a_fixed_batch(perception_setup):
     cfg, model = perception_setup
     rng = np.random.default_rng(3)

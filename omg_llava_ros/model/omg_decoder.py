@@ -90,6 +90,17 @@ def attention_blocked(
     return blocked & ~fully
 
 
+def independent_query_sets(shared: int, single: int, device: torch.device | None = None) -> torch.Tensor:
+    """(1, N, N) self-attention mask, True = may not look: the first `shared` queries see each other,
+    each of the next `single` sees only itself. A query that sees only itself is decoded exactly as if
+    alone (a visual prompt), so prompts of one image can ride in its panoptic pass, on one copy of
+    its memory, rather than each in a batch row of its own."""
+    n = shared + single
+    blocked = ~torch.eye(n, dtype=torch.bool, device=device)
+    blocked[:shared, :shared] = False
+    return blocked[None]
+
+
 class OmgDecoder(nn.Module):
     """Parameter names follow OMG-Seg's `panoptic_head` (mmdet), one to one."""
 
@@ -171,12 +182,15 @@ class OmgDecoder(nn.Module):
         with_class: bool = False,
         class_per_layer: bool = False,
         seg_decoder: bool = False,
+        self_blocked: torch.Tensor | None = None,
     ) -> DecoderOutput:
         """Run the masked-attention decoder for (B, N, C) queries over one image's memory (batch 1 or B).
 
         `class_per_layer` (training, deep supervision) classifies after every prediction, as the
         official head does; inference only needs the last one (`with_class`).
         `seg_decoder`: decode with the [SEG] decoder copy (layers, post-norm, mask MLP) where there is one.
+        `self_blocked` (1 or B, N, N) bool, True where a query may not look in self-attention: lets
+        independent query sets share one pass (`independent_query_sets`).
         """
         decoder, mask_embed = self.transformer_decoder, self.mask_embed
         if seg_decoder and self.config.llm_decoder_copy:
@@ -190,7 +204,7 @@ class OmgDecoder(nn.Module):
         blocked = attention_blocked(mask_logits, memory.level_shapes[0], constraints, 0)
         for i, layer in enumerate(decoder.layers):
             level = i % levels
-            query = layer(query, query_pos, memory.memories[level], memory.positions[level], blocked)
+            query = layer(query, query_pos, memory.memories[level], memory.positions[level], blocked, self_blocked)
             normed = post_norm(query)
             mask_logits = self.predict_masks(normed, memory.mask_features, mask_embed)
             all_masks.append(mask_logits)

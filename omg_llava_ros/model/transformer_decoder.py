@@ -72,9 +72,9 @@ class MaskedDecoderLayer(nn.Module):
         self.ffn = FFN(d, config.ffn_dim)
         self.norms = nn.ModuleList([nn.LayerNorm(d) for _ in range(3)])
 
-    def forward(self, query, query_pos, memory, memory_pos, blocked):
+    def forward(self, query, query_pos, memory, memory_pos, blocked, self_blocked=None):
         query = self.norms[0](self.cross_attn(query, memory, memory, query_pos, memory_pos, blocked))
-        query = self.norms[1](self.self_attn(query, query, query, query_pos, query_pos))
+        query = self.norms[1](self.self_attn(query, query, query, query_pos, query_pos, self_blocked))
         return self.norms[2](self.ffn(query))
 
 

@@ -36,7 +36,7 @@ from omg_llava_ros.model.chat_template import Turn, first_user_text, user_block
 from omg_llava_ros.model.config import OmgLlavaConfig, get_config
 from omg_llava_ros.model.language_model import add_special_tokens, train_tokenizer
 from omg_llava_ros.model.mask_refiner import FLOOR_LOGIT, crop_box, upsample
-from omg_llava_ros.model.omg_decoder import DecoderMemory
+from omg_llava_ros.model.omg_decoder import DecoderMemory, DecoderOutput, QueryConstraints, independent_query_sets
 from omg_llava_ros.model.omg_llava import IMAGE_PLACEHOLDER, OmgLlava
 from omg_llava_ros.model.pixel_shuffle import pixel_shuffle
 from omg_llava_ros.model.prompt_encoder import EncodedPrompt
@@ -363,13 +363,60 @@ def semantic_loss(logits: torch.Tensor, targets: torch.Tensor, background_weight
     return (ce * weight).sum() / weight.sum()
 
 
-def decode_prompt_targets(model: OmgLlava, memory: DecoderMemory, targets: list[data.PromptTarget]):
-    """The decoder's output for each visual prompt of a perception batch, over its image's memory."""
-    prompts = [to_encoded(p.prompt) for p in targets]
-    index = torch.tensor([p.image_index for p in targets])
-    pq, ppos = model.prompt_encoder.queries(prompts)
-    constraints = model.prompt_encoder.constraints(prompts, memory.level_shapes)
-    return model.omg_decoder.decode(pq, ppos, select_memory(memory, index), constraints)
+def decode_with_prompts(
+    model: OmgLlava, memory: DecoderMemory, prompts: list[data.PromptTarget], **decode_options
+) -> tuple[DecoderOutput, list[torch.Tensor]]:
+    """The panoptic queries of every image of `memory` and the visual prompts on them, in one decoder
+    pass: each image's prompts ride beside its panoptic queries, each seeing only itself in
+    self-attention (`independent_query_sets`), which decodes it exactly as alone. One prompt a batch
+    row instead would copy its image's memory per prompt and its mask logits' backward would be an
+    outer product per prompt: a third of a stage-0 step.
+
+    Returns the panoptic output (the panoptic queries only) and, per prediction, the prompts' mask
+    logits (P, 1, h, w) in the order of `prompts`."""
+    dec = model.omg_decoder
+    batch = memory.mask_features.shape[0]
+    query, query_pos = dec.panoptic_queries(batch)
+    if not prompts:
+        return dec.decode(query, query_pos, memory, **decode_options), []
+    shared = query.shape[1]
+    image = torch.tensor([p.image_index for p in prompts])
+    slot = torch.zeros_like(image)
+    counts = [0] * batch
+    for k, i in enumerate(image.tolist()):
+        slot[k], counts[i] = counts[i], counts[i] + 1
+    width = max(counts)
+    encoded = [to_encoded(p.prompt) for p in prompts]
+    pq, ppos = model.prompt_encoder.queries(encoded)
+    pc = model.prompt_encoder.constraints(encoded, memory.level_shapes)
+
+    def per_image(values: torch.Tensor, fill) -> torch.Tensor:
+        """(P, 1, ...) per prompt → (B, width, ...) per image slot; unused slots hold `fill`."""
+        out = values.new_full((batch, width, *values.shape[2:]), fill)
+        out[image, slot] = values[:, 0]
+        return out
+
+    # Panoptic queries: everything allowed, attention from their own predictions.
+    allowed = [torch.cat([a.new_ones(batch, shared, a.shape[-1]), per_image(a, True)], 1) for a in pc.allowed]
+    use_prediction = torch.cat([pc.use_prediction.new_ones(batch, shared), per_image(pc.use_prediction, True)], 1)
+    out = dec.decode(
+        torch.cat([query, per_image(pq, 0.0)], 1),
+        torch.cat([query_pos, per_image(ppos, 0.0)], 1),
+        memory,
+        QueryConstraints(allowed, use_prediction),
+        self_blocked=independent_query_sets(shared, width, device=query.device),
+        **decode_options,
+    )
+    panoptic = DecoderOutput(
+        [m[:, :shared] for m in out.mask_logits],
+        out.query[:, :shared],
+        class_logits=None if out.class_logits is None else out.class_logits[:, :shared],
+        iou=None if out.iou is None else out.iou[:, :shared],
+        class_logits_per_layer=None
+        if out.class_logits_per_layer is None
+        else [c[:, :shared] for c in out.class_logits_per_layer],
+    )
+    return panoptic, [m[image, shared + slot][:, None] for m in out.mask_logits]
 
 
 def stage0_step(
@@ -379,8 +426,7 @@ def stage0_step(
     pixels = pixels_of(model, batch.images)
     with autocast(cfg):
         memory = dec.encode_memory(enc(pixels))
-        q, pos = dec.panoptic_queries(len(batch.images))
-        out = dec.decode(q, pos, memory, class_per_layer=True)
+        out, prompt_masks = decode_with_prompts(model, memory, batch.prompts, class_per_layer=True)
         size = tuple(memory.mask_features.shape[-2:])
         targets = [(torch.as_tensor(t.labels), resize_masks(t.masks, size).flatten(1)) for t in batch.targets]
         loss_set = set_criterion(out.class_logits_per_layer, out.mask_logits, targets, cfg.class_weight)
@@ -389,9 +435,8 @@ def stage0_step(
             sem_targets = semantic_targets(targets, model.config.decoder.num_classes)
             loss_sem = semantic_loss(semantic(memory.mask_features), sem_targets)
 
-        pout = decode_prompt_targets(model, memory, batch.prompts)
         gt = resize_masks(np.stack([p.mask for p in batch.prompts]), size).flatten(1)
-        loss_prompt = mask_loss(pout.mask_logits, gt) / len(pout.mask_logits)
+        loss_prompt = mask_loss(prompt_masks, gt) / len(prompt_masks)
         loss = loss_set + cfg.prompt_weight * loss_prompt + cfg.semantic_weight * loss_sem
     loss.backward()
     return scalars(loss=loss, set=loss_set, prompt=loss_prompt, semantic=loss_sem)
@@ -853,8 +898,7 @@ def decoded_masks(model: OmgLlava, batch: data.PerceptionBatch, pixels: torch.Te
     (mask logits (n, h, w), ground truth (n, S, S) float)."""
     dec = model.omg_decoder
     memory = dec.encode_memory(model.image_encoder(pixels))
-    q, pos = dec.panoptic_queries(len(batch.images))
-    out = dec.decode(q, pos, memory, with_class=True)
+    out, prompt_masks = decode_with_prompts(model, memory, batch.prompts, with_class=True)
     size = tuple(memory.mask_features.shape[-2:])
     per_image = []
     for i, t in enumerate(batch.targets):
@@ -864,10 +908,9 @@ def decoded_masks(model: OmgLlava, batch: data.PerceptionBatch, pixels: torch.Te
         )
         per_image.append([logits[qi], torch.as_tensor(t.masks[ti.numpy()], dtype=torch.float32)])
     if batch.prompts:
-        pout = decode_prompt_targets(model, memory, batch.prompts)
         for k, p in enumerate(batch.prompts):
             entry = per_image[p.image_index]
-            entry[0] = torch.cat([entry[0], pout.mask_logits[-1][k, :1].float()])
+            entry[0] = torch.cat([entry[0], prompt_masks[-1][k].float()])
             entry[1] = torch.cat([entry[1], torch.as_tensor(p.mask, dtype=torch.float32)[None]])
     return per_image
 
