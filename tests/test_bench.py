@@ -71,6 +71,23 @@ def test_bench_json_on_tiny(tmp_path, capsys):
     assert f"{report['command_to_mask_ms']:.1f} ms" in table and report["machine"]["date"][:10] in table
 
 
+def test_training_bench_times_both_prompt_layouts(capsys):
+    argv = ["bench", "--training", "--threads", "1", "--repeats", "1", "--warmup", "0"]
+    assert main([*argv, "--json"]) == 0
+    out = capsys.readouterr().out
+    report = last_json(out)
+    assert report["config"] == "embedded" and report["threads"] == 1 and report["repeats"] == 1
+    assert report["batch"] == 8 and report["prompts_per_image"] == 3  # the recipe's
+    assert set(report["stage0_step_s"]) == {"joint", "separate"}
+    assert all(v > 0 for v in report["stage0_step_s"].values())
+    ratio = report["stage0_step_s"]["separate"] / report["stage0_step_s"]["joint"]
+    assert report["joint_speedup"] == pytest.approx(ratio)
+    assert "stage-0 training step (embedded" in out
+    for other in (["--config", "tiny"], ["--model", "embedded-default"], ["--device", "cuda"]):
+        with pytest.raises(SystemExit, match="embedded config"):
+            main(["bench", "--training", *other])
+
+
 def test_probe_times_the_real_chat_and_follow_and_leaves_the_model_as_it_was():
     model = OmgLlava.from_config("tiny", seed=0)
     work = make_workloads(BenchOptions(follow_frames=1), 1, np.random.default_rng(3))[0]

@@ -91,24 +91,43 @@ def test_prompts_decoded_beside_the_panoptic_queries_match_each_decoded_alone():
     with torch.no_grad():
         memory = dec.encode_memory(model.image_encoder(trainer.pixels_of(model, batch.images)))
         joint, prompt_masks = trainer.decode_with_prompts(model, memory, batch.prompts, class_per_layer=True)
-        q, pos = dec.panoptic_queries(len(batch.images))
-        alone = dec.decode(q, pos, memory, class_per_layer=True)
-        for a, b in zip(joint.mask_logits, alone.mask_logits, strict=True):
-            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(joint.class_logits, alone.class_logits, atol=1e-4, rtol=1e-4)
-        for k, p in enumerate(batch.prompts):
-            encoded = [trainer.to_encoded(p.prompt)]
-            pq, ppos = model.prompt_encoder.queries(encoded)
-            mem = trainer.select_memory(memory, slice(p.image_index, p.image_index + 1))
-            single = dec.decode(pq, ppos, mem, model.prompt_encoder.constraints(encoded, memory.level_shapes))
-            assert len(single.mask_logits) == len(prompt_masks)
-            for a, b in zip(prompt_masks, single.mask_logits, strict=True):
-                torch.testing.assert_close(a[k], b[0], atol=1e-4, rtol=1e-4)
+        # Inference's layout: the panoptic queries alone, each prompt a batch row over its image's memory.
+        alone, single = trainer.decode_with_prompts(model, memory, batch.prompts, joint=False, class_per_layer=True)
+    assert len(joint.mask_logits) == len(alone.mask_logits) == len(prompt_masks) == len(single)
+    for a, b in zip(joint.mask_logits + prompt_masks, alone.mask_logits + single, strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    for a, b in zip(joint.class_logits_per_layer, alone.class_logits_per_layer, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     # The prompts are decoded, not copied from the panoptic masks: each finds its own object.
     for k, p in enumerate(batch.prompts):
         found = prompt_masks[-1][k, 0] > 0
         gt = torch.as_tensor(p.mask[2::4, 2::4])
         assert (found & gt).sum() / (found | gt).sum() > 0.5
+
+
+def test_a_stage0_step_with_joint_prompts_gives_the_gradients_of_separate_ones(perception_setup):
+    cfg, model = perception_setup
+    batch = data.perception_batch(np.random.default_rng(5), 2, 256, model.config.decoder.class_names, 2)
+    params = trainer.perception_parameters(model)
+    grads = []
+    for joint in (True, False):
+        for p in params:
+            p.requires_grad_(True)
+        stats = trainer.stage0_step(model, batch, cfg, joint_prompts=joint)
+        grads.append((stats, [None if p.grad is None else p.grad.clone() for p in params]))
+        for p in params:
+            p.grad = None
+            p.requires_grad_(False)
+    (joint_stats, joint_grads), (separate_stats, separate_grads) = grads
+    assert joint_stats["prompt"] > 0
+    for key in ("loss", "set", "prompt"):
+        assert joint_stats[key] == pytest.approx(separate_stats[key], rel=1e-4)
+    assert sum(g is not None for g in joint_grads) > len(params) // 2
+    for a, b in zip(joint_grads, separate_grads, strict=True):
+        assert (a is None) == (b is None)  # parameters no loss reaches (the [SEG] decoder copy) stay so
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)
 
 
 def test_stage0_steps_lower_the_loss_on_a_fixed_batch(perception_setup):

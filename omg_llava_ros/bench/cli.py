@@ -44,6 +44,12 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     p.add_argument("--cache-dir", default=None, help="engine cache (ONNX graphs are exported there when missing)")
     p.add_argument("--scripted", action="store_true", help="script the [SEG] answer even for a trained model")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--training",
+        action="store_true",
+        help="time a perception (stage-0) training step of the embedded config instead: prompts in the panoptic "
+        "pass against a prompt a batch row (--repeats steps each)",
+    )
     p.set_defaults(func=cmd_bench)
     return p
 
@@ -97,7 +103,33 @@ def attach_backend(model: Any, args: argparse.Namespace, threads: int) -> None:
         raise SystemExit(f"error: vision backend {args.backend}: {err}") from None
 
 
+def cmd_training_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from omg_llava_ros.bench.machine import usable_cores
+    from omg_llava_ros.bench.training_step import bench_training, format_training_report
+
+    # The tabletop world's classes are the embedded config's: the one preset `train` trains.
+    other_model = args.model is not None or args.config not in (None, "embedded")
+    if other_model or args.device != "cpu" or args.backend != "torch":
+        raise SystemExit("error: --training times the embedded config (random weights) on the CPU, no other model")
+    threads = args.threads or usable_cores()
+    if threads < 1:
+        raise SystemExit("error: --threads must be ≥ 1")
+    torch.set_num_threads(threads)
+    try:
+        report = bench_training("embedded", repeats=args.repeats, warmup=args.warmup, seed=args.seed)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    print(format_training_report(report))
+    if args.json:
+        print(json.dumps(report))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.training:
+        return cmd_training_bench(args)
     if args.config == "official-7b" or args.model == "official-7b":
         from omg_llava_ros.bench import gpu_official
 

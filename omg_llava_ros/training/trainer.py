@@ -364,7 +364,7 @@ def semantic_loss(logits: torch.Tensor, targets: torch.Tensor, background_weight
 
 
 def decode_with_prompts(
-    model: OmgLlava, memory: DecoderMemory, prompts: list[data.PromptTarget], **decode_options
+    model: OmgLlava, memory: DecoderMemory, prompts: list[data.PromptTarget], joint: bool = True, **decode_options
 ) -> tuple[DecoderOutput, list[torch.Tensor]]:
     """The panoptic queries of every image of `memory` and the visual prompts on them, in one decoder
     pass: each image's prompts ride beside its panoptic queries, each seeing only itself in
@@ -373,12 +373,20 @@ def decode_with_prompts(
     outer product per prompt: a third of a stage-0 step.
 
     Returns the panoptic output (the panoptic queries only) and, per prediction, the prompts' mask
-    logits (P, 1, h, w) in the order of `prompts`."""
+    logits (P, 1, h, w) in the order of `prompts`. `joint=False` decodes them as inference does, a
+    prompt a batch row (the same figures, slower; `bench --training` compares the two)."""
     dec = model.omg_decoder
     batch = memory.mask_features.shape[0]
     query, query_pos = dec.panoptic_queries(batch)
-    if not prompts:
-        return dec.decode(query, query_pos, memory, **decode_options), []
+    if not prompts or not joint:
+        out = dec.decode(query, query_pos, memory, **decode_options)
+        if not prompts:
+            return out, []
+        encoded = [to_encoded(p.prompt) for p in prompts]
+        pq, ppos = model.prompt_encoder.queries(encoded)
+        pc = model.prompt_encoder.constraints(encoded, memory.level_shapes)
+        index = torch.tensor([p.image_index for p in prompts])
+        return out, dec.decode(pq, ppos, select_memory(memory, index), pc).mask_logits
     shared = query.shape[1]
     image = torch.tensor([p.image_index for p in prompts])
     slot = torch.zeros_like(image)
@@ -420,13 +428,17 @@ def decode_with_prompts(
 
 
 def stage0_step(
-    model: OmgLlava, batch: data.PerceptionBatch, cfg: TrainConfig, semantic: SemanticHead | None = None
+    model: OmgLlava,
+    batch: data.PerceptionBatch,
+    cfg: TrainConfig,
+    semantic: SemanticHead | None = None,
+    joint_prompts: bool = True,
 ) -> dict[str, float]:
     enc, dec = model.image_encoder, model.omg_decoder
     pixels = pixels_of(model, batch.images)
     with autocast(cfg):
         memory = dec.encode_memory(enc(pixels))
-        out, prompt_masks = decode_with_prompts(model, memory, batch.prompts, class_per_layer=True)
+        out, prompt_masks = decode_with_prompts(model, memory, batch.prompts, joint_prompts, class_per_layer=True)
         size = tuple(memory.mask_features.shape[-2:])
         targets = [(torch.as_tensor(t.labels), resize_masks(t.masks, size).flatten(1)) for t in batch.targets]
         loss_set = set_criterion(out.class_logits_per_layer, out.mask_logits, targets, cfg.class_weight)
