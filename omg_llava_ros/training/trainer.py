@@ -378,25 +378,21 @@ def decode_with_prompts(
     dec = model.omg_decoder
     batch = memory.mask_features.shape[0]
     query, query_pos = dec.panoptic_queries(batch)
-    if not prompts or not joint:
-        out = dec.decode(query, query_pos, memory, **decode_options)
-        if not prompts:
-            return out, []
-        encoded = [to_encoded(p.prompt) for p in prompts]
-        pq, ppos = model.prompt_encoder.queries(encoded)
-        pc = model.prompt_encoder.constraints(encoded, memory.level_shapes)
-        index = torch.tensor([p.image_index for p in prompts])
-        return out, dec.decode(pq, ppos, select_memory(memory, index), pc).mask_logits
-    shared = query.shape[1]
-    image = torch.tensor([p.image_index for p in prompts])
-    slot = torch.zeros_like(image)
-    counts = [0] * batch
-    for k, i in enumerate(image.tolist()):
-        slot[k], counts[i] = counts[i], counts[i] + 1
-    width = max(counts)
+    if not prompts:
+        return dec.decode(query, query_pos, memory, **decode_options), []
     encoded = [to_encoded(p.prompt) for p in prompts]
     pq, ppos = model.prompt_encoder.queries(encoded)
     pc = model.prompt_encoder.constraints(encoded, memory.level_shapes)
+    image = torch.tensor([p.image_index for p in prompts])
+    if not joint:
+        out = dec.decode(query, query_pos, memory, **decode_options)
+        return out, dec.decode(pq, ppos, select_memory(memory, image), pc).mask_logits
+    shared = query.shape[1]
+    slots, counts = [], [0] * batch  # each prompt's place among its image's prompts
+    for i in image.tolist():
+        slots.append(counts[i])
+        counts[i] += 1
+    slot, width = torch.tensor(slots), max(counts)
 
     def per_image(values: torch.Tensor, fill) -> torch.Tensor:
         """(P, 1, ...) per prompt → (B, width, ...) per image slot; unused slots hold `fill`."""
