@@ -103,20 +103,27 @@ def attach_backend(model: Any, args: argparse.Namespace, threads: int) -> None:
         raise SystemExit(f"error: vision backend {args.backend}: {err}") from None
 
 
-def cmd_training_bench(args: argparse.Namespace) -> int:
+def set_threads(args: argparse.Namespace) -> int:
+    """PyTorch's CPU threads: --threads, or every core this process may use."""
     import torch
 
     from omg_llava_ros.bench.machine import usable_cores
+
+    threads = args.threads or usable_cores()
+    if threads < 1:
+        raise SystemExit("error: --threads must be ≥ 1")
+    torch.set_num_threads(threads)
+    return threads
+
+
+def cmd_training_bench(args: argparse.Namespace) -> int:
     from omg_llava_ros.bench.training_step import bench_training, format_training_report
 
     # The tabletop world's classes are the embedded config's: the one preset `train` trains.
     other_model = args.model is not None or args.config not in (None, "embedded")
     if other_model or args.device != "cpu" or args.backend != "torch":
         raise SystemExit("error: --training times the embedded config (random weights) on the CPU, no other model")
-    threads = args.threads or usable_cores()
-    if threads < 1:
-        raise SystemExit("error: --threads must be ≥ 1")
-    torch.set_num_threads(threads)
+    set_threads(args)
     try:
         report = bench_training("embedded", repeats=args.repeats, warmup=args.warmup, seed=args.seed)
     except ValueError as err:
@@ -142,15 +149,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     import torch
 
-    from omg_llava_ros.bench.machine import usable_cores
     from omg_llava_ros.bench.runner import BenchOptions, run_bench
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but torch sees no CUDA GPU")
-    threads = args.threads or usable_cores()
-    if threads < 1:
-        raise SystemExit("error: --threads must be ≥ 1")
-    torch.set_num_threads(threads)
+    threads = set_threads(args)
     try:
         options = BenchOptions(
             repeats=args.repeats,
