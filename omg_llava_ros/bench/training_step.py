@@ -52,20 +52,16 @@ def bench_training(
     rng = np.random.default_rng(seed)
     size = model.config.image_encoder.image_size
     seconds: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    try:
-        for i in range(warmup + repeats):
-            step_batch = data.perception_batch(rng, batch, size, d.class_names, prompts_per_image)
-            for variant in VARIANTS:
-                start = time.perf_counter()
-                trainer.stage0_step(model, step_batch, cfg, semantic, joint_prompts=variant == "joint")
-                elapsed = time.perf_counter() - start
-                for p in params:
-                    p.grad = None
-                if i >= warmup:
-                    seconds[variant].append(elapsed)
-    finally:
-        model.eval()
-        model.requires_grad_(False)
+    for i in range(warmup + repeats):
+        step_batch = data.perception_batch(rng, batch, size, d.class_names, prompts_per_image)
+        for variant in VARIANTS:
+            start = time.perf_counter()
+            trainer.stage0_step(model, step_batch, cfg, semantic, joint_prompts=variant == "joint")
+            elapsed = time.perf_counter() - start
+            for p in params:
+                p.grad = None
+            if i >= warmup:
+                seconds[variant].append(elapsed)
     median = {v: statistics.median(s) for v, s in seconds.items()}
     return {
         "config": config,

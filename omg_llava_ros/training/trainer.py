@@ -915,11 +915,10 @@ def decoded_masks(model: OmgLlava, batch: data.PerceptionBatch, pixels: torch.Te
             out.class_logits[i], logits.flatten(1), torch.as_tensor(t.labels), resize_masks(t.masks, size).flatten(1)
         )
         per_image.append([logits[qi], torch.as_tensor(t.masks[ti.numpy()], dtype=torch.float32)])
-    if batch.prompts:
-        for k, p in enumerate(batch.prompts):
-            entry = per_image[p.image_index]
-            entry[0] = torch.cat([entry[0], prompt_masks[-1][k].float()])
-            entry[1] = torch.cat([entry[1], torch.as_tensor(p.mask, dtype=torch.float32)[None]])
+    for k, p in enumerate(batch.prompts):
+        entry = per_image[p.image_index]
+        entry[0] = torch.cat([entry[0], prompt_masks[-1][k].float()])
+        entry[1] = torch.cat([entry[1], torch.as_tensor(p.mask, dtype=torch.float32)[None]])
     return per_image
 
 
