@@ -25,8 +25,9 @@ from omg_llava_ros.ros.interfaces import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-MSG_DIR = REPO / "msg"
-ACTION_DIR = REPO / "action"
+INTERFACES = REPO / "ros2" / "omg_llava_ros_interfaces"
+MSG_DIR = INTERFACES / "msg"
+ACTION_DIR = INTERFACES / "action"
 STORES = [Stores.ROS2_HUMBLE, Stores.ROS2_JAZZY]
 
 # --------------------------------------------------------------------------- rosidl-style lint
@@ -229,7 +230,7 @@ def test_register_names_and_idempotence() -> None:
 def test_unresolved_reference_is_rejected(tmp_path: Path) -> None:
     (tmp_path / "Thing.msg").write_text("Missing part\nstd_msgs/Nope[] more\nuint8 ok\n")
     store = get_typestore(Stores.ROS2_HUMBLE)
-    with pytest.raises(TypesysError, match="omg_llava_ros/msg/Missing, std_msgs/msg/Nope"):
+    with pytest.raises(TypesysError, match="omg_llava_ros_interfaces/msg/Missing, std_msgs/msg/Nope"):
         register_types(store, msg_dir=tmp_path, action_dir=tmp_path)
     assert f"{PACKAGE}/msg/Thing" not in store.types
     # The independent recursive check used below sees the same problem once registered anyway.
@@ -441,5 +442,5 @@ def test_ament_prefix_is_a_fallback_location(tmp_path: Path, monkeypatch: pytest
     shutil.copytree(MSG_DIR, share / "msg")
     monkeypatch.setenv("AMENT_PREFIX_PATH", str(tmp_path))
     roots = interfaces._candidate_roots()
-    assert roots.index(REPO) < roots.index(share)  # the checkout wins, the install is next
+    assert roots.index(INTERFACES) < roots.index(share)  # the checkout wins, the install is next
     assert (share / "msg" / "GroundedSegmentation.msg").exists()

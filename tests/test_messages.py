@@ -10,7 +10,6 @@ import pytest
 
 from omg_llava_ros.pipeline.types import DetectedObject, Result, Target3D
 from omg_llava_ros.ros import messages as m
-from omg_llava_ros.ros.node import parse_ros_args
 from omg_llava_ros.ros.parameters import NodeParameters, QosSpec, load_parameter_file
 from omg_llava_ros.ros.transport import resolve_name
 
@@ -85,7 +84,7 @@ def test_result_message_matches_the_msg_definition(msgs):
     declared = {name for name, _ in msgs.typestore.fielddefs[m.GROUNDED_SEGMENTATION][1]}
     assert produced == declared
     obj = set(m.grounded_segmentation_fields(make_result())["objects"][0])
-    assert obj == {name for name, _ in msgs.typestore.fielddefs["omg_llava_ros/msg/SegmentedObject"][1]}
+    assert obj == {name for name, _ in msgs.typestore.fielddefs["omg_llava_ros_interfaces/msg/SegmentedObject"][1]}
 
 
 def test_instance_mask_switches_to_mono16_above_255_objects():
@@ -198,50 +197,9 @@ def test_builder_rejects_unknown_fields(msgs):
         msgs.build("nope/msg/Nope", {})
 
 
-# -- DDS naming and wire compatibility ------------------------------------------------------------
-def test_dds_names_follow_ros2_conventions():
-    from omg_llava_ros.ros.dds_transport import dds_topic_name, dds_type_name
-
-    assert dds_topic_name("/robot/omg_llava/result") == "rt/robot/omg_llava/result"
-    assert dds_type_name("sensor_msgs/msg/Image") == "sensor_msgs::msg::dds_::Image_"
-
-
-def test_rosbags_cdr_is_byte_identical_to_cyclonedds(msgs):
-    """The DDS fast path sends rosbags' CDR through Cyclone: it must equal Cyclone's own encoding."""
-    pytest.importorskip("cyclonedds")
-    from omg_llava_ros.ros.dds_transport import idl_type
-
-    store = msgs.typestore
-    Image = idl_type(store, m.IMAGE)
-    Header = idl_type(store, "std_msgs/msg/Header")
-    Time = idl_type(store, "builtin_interfaces/msg/Time")
-    data = np.arange(5 * 3 * 3, dtype=np.uint8)
-    header = {"stamp": {"sec": 5, "nanosec": 7}, "frame_id": "cam"}
-    ours = msgs.serialize(
-        m.IMAGE, {"header": header, "height": 3, "width": 5, "encoding": "rgb8", "step": 15, "data": data}
-    )
-    theirs = Image(
-        header=Header(stamp=Time(sec=5, nanosec=7), frame_id="cam"),
-        height=3,
-        width=5,
-        encoding="rgb8",
-        is_bigendian=0,
-        step=15,
-        data=data.tolist(),
-    ).serialize()
-    assert ours == theirs
-    assert Image.__idl_typename__ == "sensor_msgs.msg.dds_.Image_"
-    # And the bundled result message with nested arrays of messages.
-    result_type = idl_type(store, m.GROUNDED_SEGMENTATION)
-    raw = msgs.serialize(m.GROUNDED_SEGMENTATION, m.grounded_segmentation_fields(make_result()))
-    decoded = result_type.deserialize(raw)
-    assert decoded.command == "pick up the red cup" and decoded.objects[0].phrase == "thing 0"
-    assert decoded.serialize() == raw
-
-
 # -- parameters and names -------------------------------------------------------------------------
 def test_yaml_config_mirrors_the_parameter_declarations():
-    values = load_parameter_file(ROOT / "config" / "omg_llava.yaml")
+    values = load_parameter_file(ROOT / "ros2" / "omg_llava_ros" / "config" / "omg_llava.yaml")
     specs = {name: default for name, default, _ in NodeParameters.specs()}
     assert values == specs
     assert NodeParameters.from_mapping(values) == NodeParameters()
@@ -278,29 +236,3 @@ def test_topic_names_resolve_like_ros():
     remaps = {"~/image": "/camera/color/image_raw", "command": "cmd"}
     assert resolve_name("~/image", "/r", remaps=remaps) == "/camera/color/image_raw"
     assert resolve_name("/r/command", "/r", remaps=remaps) == "/r/cmd"
-
-
-def test_ros_args_parsing_for_the_dds_runner():
-    args = parse_ros_args(
-        [
-            "node",
-            "--transport",
-            "dds",
-            "--ros-args",
-            "-r",
-            "__ns:=/robot1",
-            "-r",
-            "~/image:=/cam/image",
-            "-p",
-            "backend:=torch",
-            "-p",
-            "use_depth:=false",
-            "-p",
-            "max_command_chars:=50",
-            "--params-file",
-            "/tmp/p.yaml",
-        ]
-    )
-    assert args.namespace == "/robot1" and args.remaps == {"~/image": "/cam/image"}
-    assert args.params == {"backend": "torch", "use_depth": False, "max_command_chars": 50}
-    assert args.params_files == ["/tmp/p.yaml"]

@@ -3,12 +3,9 @@ depth targets; and the launch file's structure."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import sys
 import threading
 import time
-import types
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,12 +13,13 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import yaml
 from test_pipeline import ANSWER, CountingModel, force_answer
 
 from omg_llava_ros.ros import messages as m
 from omg_llava_ros.ros.image_conversion import mono16_fields, rgb_to_image_fields
 from omg_llava_ros.ros.node import ConfigurationError, OmgLlavaNode, load_model
-from omg_llava_ros.ros.parameters import NodeParameters
+from omg_llava_ros.ros.parameters import NodeParameters, load_parameter_file
 from omg_llava_ros.ros.transport import MemoryTransport, SegmentGoal
 
 H, W = 48, 64
@@ -84,7 +82,7 @@ class Harness:
 def harness(tiny_model, msgs):
     transport = MemoryTransport(namespace=NS)
     model = CountingModel(tiny_model)
-    params = NodeParameters(backend="torch", stats_period_s=0.0, action_timeout_s=5.0)
+    params = NodeParameters(backend="torch", stats_period_s=0.0, action_timeout_s=5.0, warm_up=False)
     node = OmgLlavaNode(
         transport,
         params,
@@ -115,7 +113,10 @@ def test_lifecycle_creates_and_releases_io_and_logs_qos(tiny_model, caplog):
     assert transport.publishers[topic("result")].qos.depth == 10
     text = caplog.text
     assert f"subscribed {topic('image')} [sensor_msgs/msg/Image] QoS best_effort, keep last 1, volatile" in text
-    assert f"publishing {topic('result')} [omg_llava_ros/msg/GroundedSegmentation] QoS reliable, keep last 10" in text
+    assert (
+        f"publishing {topic('result')} [omg_llava_ros_interfaces/msg/GroundedSegmentation] QoS reliable, keep last 10"
+        in text
+    )
     assert f"serving action {topic('segment')}" in text
     node.deactivate()
     assert node.state == "inactive" and transport.publishers == {}
@@ -123,6 +124,31 @@ def test_lifecycle_creates_and_releases_io_and_logs_qos(tiny_model, caplog):
     assert transport.deliver("~/image", object()) == 0
     node.cleanup()
     assert node.state == "unconfigured" and node.model is None and node.pipeline is None
+
+
+def test_warm_up_at_configure_leaves_no_command_and_ids_keep_counting_across_cleanup(tiny_model, msgs):
+    transport = MemoryTransport(namespace=NS)
+    model = CountingModel(tiny_model)
+    params = NodeParameters(backend="torch", stats_period_s=0.0)
+    node = OmgLlavaNode(
+        transport,
+        params,
+        model_loader=lambda p, log: model,
+        logits_processor=force_answer(tiny_model.tokenizer, ANSWER),
+    )
+    node.configure()
+    assert len(model.chats) == 1 and model.follows == 1  # the warm-up, before any command
+    assert node.pipeline.command is None and node.pipeline.stats.chat_calls == 0
+    node.activate()
+    transport.deliver("~/command", SimpleNamespace(data="pick up the red cup"))
+    transport.deliver("~/command", SimpleNamespace(data="the plate"))
+    assert node.pipeline.command.id == 2
+    node.cleanup()
+    node.configure()
+    node.activate()
+    transport.deliver("~/command", SimpleNamespace(data="the red cup again"))
+    assert node.pipeline.command.id == 3  # GroundedSegmentation.command_id only ever increases
+    node.shutdown()
 
 
 def test_configure_failures_are_clear_and_leave_the_node_unconfigured():
@@ -273,7 +299,7 @@ def test_compressed_images_and_undecodable_ones(tiny_model, msgs):
     model = CountingModel(tiny_model)
     node = OmgLlavaNode(
         transport,
-        NodeParameters(input_compressed=True, use_depth=False, stats_period_s=0.0),
+        NodeParameters(input_compressed=True, use_depth=False, stats_period_s=0.0, warm_up=False),
         model_loader=lambda p, log: model,
         logits_processor=force_answer(tiny_model.tokenizer, ANSWER),
     )
@@ -393,7 +419,7 @@ def test_action_failures_are_clear(tiny_model, msgs):
     transport = MemoryTransport(namespace=NS)
     node = OmgLlavaNode(
         transport,
-        NodeParameters(action_timeout_s=0.2, stats_period_s=0.0),
+        NodeParameters(action_timeout_s=0.2, stats_period_s=0.0, warm_up=False),
         model_loader=lambda p, log: CountingModel(tiny_model),
     )
     node.configure()
@@ -448,43 +474,42 @@ def test_worker_keeps_only_the_newest_frame(harness, msgs):
 
 
 # -- launch file ------------------------------------------------------------------------------------
-class _Recorder:
-    def __init__(self, *args, **kwargs):
-        self.args, self.kwargs = args, kwargs
+def test_launch_file_renders_to_the_installed_executable_with_params_and_remaps(tmp_path, monkeypatch):
+    from launch_command import LAUNCH_FILE, launch_command, load_launch_description
 
+    prefix = tmp_path / "install"
+    (prefix / "lib" / "omg_llava_ros").mkdir(parents=True)
+    exe = prefix / "lib" / "omg_llava_ros" / "omg_llava_node"
+    exe.write_text((LAUNCH_FILE.parents[1] / "scripts" / "omg_llava_node").read_text())
+    monkeypatch.setenv("AMENT_PREFIX_PATH", str(prefix))
+    declared, _ = load_launch_description()
+    assert declared["backend"]["default_value"] == "auto" and declared["build_engines"]["default_value"] == "false"
+    params_file = Path(declared["params_file"]["default_value"])
+    assert params_file == LAUNCH_FILE.parents[1] / "config" / "omg_llava.yaml" and params_file.is_file()
 
-def _stub_launch_modules(monkeypatch):
-    names = {
-        "launch": ["LaunchDescription"],
-        "launch.actions": ["DeclareLaunchArgument", "LogInfo"],
-        "launch.substitutions": ["LaunchConfiguration"],
-        "launch_ros": [],
-        "launch_ros.actions": ["Node"],
-        "launch_ros.parameter_descriptions": ["ParameterValue"],
+    command = launch_command(
+        {"namespace": "robot1", "image_topic": "/cam/color", "backend": "torch", "use_depth": "false"}, tmp_path
+    )
+    assert command[:6] == [str(exe), "--ros-args", "-r", "__node:=omg_llava", "-r", "__ns:=/robot1"]
+    files = [command[i + 1] for i, flag in enumerate(command) if flag == "--params-file"]
+    assert files[0] == str(params_file)
+    overrides = yaml.safe_load(Path(files[1]).read_text())["/**"]["ros__parameters"]
+    assert overrides == {
+        "model_path": "",
+        "backend": "torch",
+        "build_engines": False,
+        "input_compressed": False,
+        "use_depth": False,
     }
-    for module, classes in names.items():
-        mod = types.ModuleType(module)
-        for cls in classes:
-            setattr(mod, cls, type(cls, (_Recorder,), {}))
-        monkeypatch.setitem(sys.modules, module, mod)
-
-
-def test_launch_file_declares_arguments_and_runs_the_node_module(monkeypatch):
-    _stub_launch_modules(monkeypatch)
-    spec = importlib.util.spec_from_file_location("omg_llava_launch", ROOT / "launch" / "omg_llava.launch.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    description = module.generate_launch_description()
-    actions = description.args[0]
-    arguments = {a.args[0]: a.kwargs for a in actions if type(a).__name__ == "DeclareLaunchArgument"}
-    declared = set(arguments)
-    for needed in ("model_path", "backend", "image_topic", "depth_topic", "camera_info_topic", "namespace"):
-        assert needed in declared
-    (node,) = [a for a in actions if type(a).__name__ == "Node"]
-    kw = node.kwargs
-    assert kw["arguments"][:2] == ["-m", "omg_llava_ros.ros.node"] and kw["name"] == "omg_llava"
-    remapped = dict((src, dst) for src, dst in kw["remappings"])
-    assert {"~/image", "~/image/compressed", "~/depth", "~/camera_info", "~/command"} <= set(remapped)
-    assert Path(arguments["params_file"]["default_value"]).is_file()
-    assert arguments["backend"]["default_value"] == "auto" and arguments["build_engines"]["default_value"] == "false"
-    assert importlib.util.find_spec("omg_llava_ros.ros.node") is not None
+    NodeParameters.from_mapping(load_parameter_file(files[0]) | overrides)  # every value is valid
+    remaps = [command[i + 1] for i, flag in enumerate(command) if flag == "-r"][2:]
+    assert "~/image:=/cam/color" in remaps and "~/image/compressed:=/cam/color/compressed" in remaps
+    assert {r.split(":=")[0] for r in remaps} == {
+        "~/image",
+        "~/image/compressed",
+        "~/depth",
+        "~/camera_info",
+        "~/command",
+    }
+    with pytest.raises(ValueError, match="not launch arguments"):
+        launch_command({"bakend": "torch"}, tmp_path)

@@ -292,7 +292,7 @@ def test_output_bag_reads_back_with_its_own_definitions(gt_bag: Path, tmp_path: 
         assert types == {f"/omg_llava/{k}": v for k, v in OUTPUT_TOPICS.items()}
         result_def = next(c.msgdef.data for c in reader.connections if c.topic == "/omg_llava/result")
         # rosbag2's ros2msg encoding, which Foxglove decodes without the package installed
-        assert "MSG: omg_llava_ros/msg/SegmentedObject" in result_def
+        assert "MSG: omg_llava_ros_interfaces/msg/SegmentedObject" in result_def
         assert "MSG: vision_msgs/msg/BoundingBox2D" in result_def
         decoded: dict[str, list[Any]] = {}
         for conn, _, raw in reader.messages():

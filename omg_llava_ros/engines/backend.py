@@ -71,6 +71,9 @@ def model_directory(model: OmgLlava, options: EngineOptions, fingerprint: str | 
     return engines_root(options.cache_dir) / f"{model.config.name}-{fingerprint[:16]}"
 
 
+BUILD_IF_MISSING_HINT = "set build_if_missing=True to build at start"
+
+
 def build_hint(backend: str, options: EngineOptions) -> str:
     cmd = f"omg-llava-ros build-engines --model <model dir> --backend {backend}"
     if backend == "tensorrt":
@@ -79,7 +82,7 @@ def build_hint(backend: str, options: EngineOptions) -> str:
             cmd += f" --max-queries {options.max_queries}"
     if options.cache_dir is not None:
         cmd += f" --cache-dir {options.cache_dir}"
-    return f"Build it ahead of time with `{cmd}`, or set build_if_missing=True to build at start"
+    return f"Build it ahead of time with `{cmd}`, or {BUILD_IF_MISSING_HINT}"
 
 
 def prepare_onnx(

@@ -120,6 +120,7 @@ class PerceptionPipeline:
         config: PipelineConfig | None = None,
         logits_processor: Callable[..., Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        first_command_id: int = 1,
     ) -> None:
         self.model = model
         self.config = config or PipelineConfig()
@@ -130,11 +131,34 @@ class PerceptionPipeline:
         # a command never waits for inference; _run serialises model calls (one image at a time).
         self._state = threading.Lock()
         self._run = threading.RLock()
-        self._next_id = 1
+        self._next_id = first_command_id  # a node reconfigured with a new pipeline keeps counting
         self._command: Command | None = None
         self._pending = False
         self._answer: _Answer | None = None
         self._last_stamp_ns: int | None = None
+
+    @property
+    def next_command_id(self) -> int:
+        return self._next_id
+
+    def warm_up(self, height: int = 480, width: int = 640, text: str = "Please segment the red circle.") -> float:
+        """One chat and one follow on a synthetic frame, outside the command state; returns seconds.
+
+        The first call of a model pays one-off costs (allocator growth, lazy kernels and caches);
+        paid here, at configure, they do not land on the first real command.
+        """
+        started = time.monotonic()
+        # A red disc on grey: something the command grounds, so mask decoding and follow run too.
+        image = np.full((height, width, 3), 128, dtype=np.uint8)
+        yy, xx = np.ogrid[:height, :width]
+        image[(yy - height / 2) ** 2 + (xx - width / 2) ** 2 <= (min(height, width) / 6) ** 2] = (220, 30, 30)
+        kwargs: dict[str, Any] = {}
+        if self.logits_processor is not None:
+            kwargs["logits_processor"] = self.logits_processor
+        with self._run:
+            chat = self.model.chat(image, text, **kwargs)
+            self.model.follow(image, list(chat.segments))
+        return time.monotonic() - started
 
     # -- commands ----------------------------------------------------------------------------
     def set_command(self, text: str, stamp: Stamp | None = None, received_at: float | None = None) -> int:

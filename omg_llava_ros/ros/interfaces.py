@@ -3,10 +3,10 @@ without a ROS install (replay, tests).
 
 Where the definition files are found, first hit wins:
 1. ``$OMG_LLAVA_ROS_INTERFACES`` (a folder holding ``msg/`` and ``action/``), for unusual layouts;
-2. the source tree: ``<repo root>/msg`` = ``Path(__file__).resolve().parents[2] / "msg"``. This is
-   where they live in a checkout and in an editable (``pip install -e``) install. setup.py does
-   not ship them as package data, so a plain wheel install relies on 3. or 1.;
-3. the ament share directory ``share/omg_llava_ros/msg`` that ``rosidl_generate_interfaces``
+2. the source tree: ``<repo root>/ros2/omg_llava_ros_interfaces/msg``. This is where they live
+   in a checkout and in an editable (``pip install -e``) install; a plain wheel install does not
+   ship them (they belong to the interfaces package) and relies on 3. or 1.;
+3. the ament share directory ``share/omg_llava_ros_interfaces/msg`` that ``rosidl_generate_interfaces``
    installs them to on a colcon build: found through ``ament_index_python`` when importable,
    else through ``$AMENT_PREFIX_PATH`` and ``sys.prefix``.
 
@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-PACKAGE = "omg_llava_ros"
+PACKAGE = "omg_llava_ros_interfaces"
 # Dependency order matters only for readability; rosbags resolves references at registration.
 MESSAGES: tuple[str, ...] = ("SegmentedObject", "GroundedSegmentation")
 ACTIONS: tuple[str, ...] = ("Segment",)
@@ -47,7 +47,7 @@ def _candidate_roots() -> list[Path]:
     env = os.environ.get(ENV_VAR)
     if env:
         roots.append(Path(env))
-    roots.append(Path(__file__).resolve().parents[2])
+    roots.append(Path(__file__).resolve().parents[2] / "ros2" / PACKAGE)
     try:  # only present on a sourced ROS 2 system
         from ament_index_python.packages import get_package_share_directory
 
@@ -94,8 +94,8 @@ def _parse(text: str, name: str) -> dict[str, Any]:
 def load_types(msg_dir: Path | str | None = None, action_dir: Path | str | None = None) -> dict[str, Any]:
     """Parse the package's messages and action parts into a rosbags ``Typesdict``.
 
-    Messages are named ``omg_llava_ros/msg/<Name>``, action parts
-    ``omg_llava_ros/action/<Action>_Goal`` / ``_Result`` / ``_Feedback`` (the names rosidl
+    Messages are named ``omg_llava_ros_interfaces/msg/<Name>``, action parts
+    ``omg_llava_ros_interfaces/action/<Action>_Goal`` / ``_Result`` / ``_Feedback`` (the names rosidl
     generates). Raises ``rosbags.typesys.TypesysError`` on a malformed definition.
     """
     msg_folder = Path(msg_dir) if msg_dir is not None else interface_dir("msg")
@@ -131,7 +131,8 @@ def register_types(
     """Register this package's interfaces (and missing vision_msgs deps) in a rosbags typestore.
 
     Safe to call repeatedly. Returns the sorted names of the package's own types, e.g.
-    ``omg_llava_ros/msg/GroundedSegmentation`` and ``omg_llava_ros/action/Segment_Goal``.
+    ``omg_llava_ros_interfaces/msg/GroundedSegmentation`` and
+    ``omg_llava_ros_interfaces/action/Segment_Goal``.
     """
     deps = {k: v for k, v in vision_msgs_types().items() if k not in typestore.fielddefs}
     own = load_types(msg_dir, action_dir)

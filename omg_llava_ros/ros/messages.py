@@ -40,7 +40,7 @@ POINT_CLOUD2 = "sensor_msgs/msg/PointCloud2"
 POSE_STAMPED = "geometry_msgs/msg/PoseStamped"
 STRING = "std_msgs/msg/String"
 DETECTION2D_ARRAY = "vision_msgs/msg/Detection2DArray"
-GROUNDED_SEGMENTATION = "omg_llava_ros/msg/GroundedSegmentation"
+GROUNDED_SEGMENTATION = "omg_llava_ros_interfaces/msg/GroundedSegmentation"
 
 # vision_msgs 4.x (Humble, Jazzy) detection types; rosbags' bundled stores lack vision_msgs.
 # BoundingBox2D and its parts come from interfaces.register_types.
@@ -275,7 +275,7 @@ def box_fields(box: tuple[int, int, int, int] | None) -> dict[str, Any]:
 def grounded_segmentation_fields(
     result: Result, mask_encoding: str = "auto", instance_mask: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Result -> omg_llava_ros/GroundedSegmentation fields (the bundled ~/result message)."""
+    """Result -> omg_llava_ros_interfaces/GroundedSegmentation fields (the bundled ~/result message)."""
     header = header_fields(result.stamp, result.frame_id)
     objects = []
     for obj in result.objects:

@@ -2,13 +2,12 @@
 
 ``OmgLlavaNode`` holds the node's lifecycle (configure -> activate -> deactivate -> cleanup),
 its callbacks and its worker thread; it talks to the middleware only through a ``Transport``:
-rclpy (``rclpy_node.py``, the default on a ROS 2 system), Cyclone DDS without ROS
-(``dds_transport.py``) or in-process (tests). All perception behaviour lives in
-``omg_llava_ros.pipeline``; message layouts in ``messages.py``.
+rclpy (``rclpy_node.py``) or in-process (``transport.MemoryTransport``, fast unit tests). All
+perception behaviour lives in ``omg_llava_ros.pipeline``; message layouts in ``messages.py``.
 
-Run it::
+Run it (what ``ros2 run omg_llava_ros omg_llava_node`` and the launch file run)::
 
-    python -m omg_llava_ros.ros.node [--transport rclpy|dds] [--ros-args -p model_path:=DIR ...]
+    python -m omg_llava_ros.ros.node [--ros-args -p model_path:=DIR ...]
 
 Threads: transport callbacks only store what arrives (the newest image in a one-item slot,
 depth images in a small stamped buffer, camera info, commands); one worker thread takes the
@@ -17,12 +16,10 @@ newest image, runs the pipeline and publishes. Nothing on the callback side wait
 
 from __future__ import annotations
 
-import argparse
 import collections
 import gc
 import inspect
 import logging
-import signal
 import sys
 import threading
 import time
@@ -37,7 +34,7 @@ from omg_llava_ros.pipeline.slot import LatestFrameSlot, StampedBuffer
 from omg_llava_ros.pipeline.types import CameraIntrinsics, Frame, Result, Stamp, ns_to_stamp, stamp_to_ns
 from omg_llava_ros.ros import messages as m
 from omg_llava_ros.ros.image_conversion import ImageConversionError
-from omg_llava_ros.ros.parameters import NODE_NAME, NodeParameters, QosSpec, load_parameter_file
+from omg_llava_ros.ros.parameters import NodeParameters, QosSpec
 from omg_llava_ros.ros.transport import SegmentGoal, SegmentOutcome, Transport
 
 # Topic names (private: ~/x resolves to /<namespace>/<node name>/x; remap them at launch).
@@ -57,6 +54,20 @@ OUTPUTS: dict[str, str] = {
 }
 
 _THROTTLE_S = 5.0
+
+
+# A result's warnings, by the input they are about (first match; the rest concern the answer).
+_WARNING_TOPICS: tuple[tuple[str, str], ...] = (
+    ("no depth image", DEPTH_TOPIC),
+    ("depth image unusable", DEPTH_TOPIC),
+    ("has no valid depth", DEPTH_TOPIC),
+    ("no camera_info", CAMERA_INFO_TOPIC),
+    ("command", COMMAND_TOPIC),
+)
+
+
+def _warning_topic(warning: str) -> str:
+    return next((topic for key, topic in _WARNING_TOPICS if key in warning), "~/result")
 
 
 class ConfigurationError(RuntimeError):
@@ -142,6 +153,7 @@ class OmgLlavaNode:
         self._waiters_lock = threading.RLock()  # _on_segment_goal holds it around _set_command
         self._throttle: dict[str, tuple[float, int]] = {}
         self._last_stats = clock()
+        self._next_command_id = 1  # command ids keep increasing across cleanup -> configure
         transport.on_error = self._on_transport_error
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -158,9 +170,17 @@ class OmgLlavaNode:
             raise
         except Exception as exc:
             raise ConfigurationError(f"loading the model failed: {type(exc).__name__}: {exc}") from exc
-        self.pipeline = PerceptionPipeline(self.model, p.pipeline_config(), self.logits_processor, self.clock)
+        self.pipeline = PerceptionPipeline(
+            self.model, p.pipeline_config(), self.logits_processor, self.clock, first_command_id=self._next_command_id
+        )
         vision = getattr(getattr(self.model, "vision", None), "name", "unknown")
         self.log.info("model ready in %.1f s (vision backend: %s)", time.monotonic() - started, vision)
+        if p.warm_up:
+            try:
+                self.log.info("warm-up: one command and one follow frame took %.2f s", self.pipeline.warm_up())
+            except Exception as exc:
+                self.pipeline = self.model = None
+                raise ConfigurationError(f"the model failed its warm-up: {type(exc).__name__}: {exc}") from exc
         self.state = "inactive"
 
     def activate(self) -> None:
@@ -225,6 +245,8 @@ class OmgLlavaNode:
         """Release the model (and its GPU memory)."""
         if self.state == "active":
             self.deactivate()
+        if self.pipeline is not None:
+            self._next_command_id = self.pipeline.next_command_id
         self.pipeline = None
         self.model = None
         gc.collect()
@@ -403,8 +425,11 @@ class OmgLlavaNode:
                     pubs["target_pose"].publish(pose)
         self.stats.results += 1
         self.stats.latencies_ms.append(result.latency_ms)
+        command = self.pipeline.command if self.pipeline is not None else None
+        already_logged = command.warnings if command is not None and command.id == result.command_id else ()
         for warning in result.warnings:
-            self._report(result.stamp, "~/result", warning, record=False)
+            if warning not in already_logged:  # the pipeline logs a command's own warnings on arrival
+                self._report(result.stamp, _warning_topic(warning), warning, record=False)
         if not result.follow:
             self.log.info(
                 "command %d answered on frame %d.%09d: %r (%d object(s))",
@@ -498,7 +523,11 @@ class OmgLlavaNode:
     def _report(
         self, stamp: Stamp | None, topic: str, reason: str, level: int = logging.WARNING, record: bool = True
     ) -> None:
-        """Count and log a problem; identical reasons are logged at most every few seconds."""
+        """Count and log a problem; identical reasons are logged at most every few seconds.
+
+        topic may be private (``~/depth``): it is logged and recorded resolved, as users see it.
+        """
+        topic = self.transport.resolve(topic)
         if record:
             self.stats.errors += 1
             self.errors.append(ErrorRecord(stamp, topic, reason))
@@ -575,6 +604,7 @@ def _attach_backend(model: Any, params: NodeParameters, log: logging.Logger | An
         return
     try:
         from omg_llava_ros.engines import EngineOptions, select_backend
+        from omg_llava_ros.engines.backend import BUILD_IF_MISSING_HINT
     except ImportError as exc:
         if params.backend == "auto":
             log.warning("engines unavailable (%s): PyTorch vision", exc)
@@ -593,117 +623,34 @@ def _attach_backend(model: Any, params: NodeParameters, log: logging.Logger | An
                 exc,
             )
             return
-        raise ConfigurationError(f"vision backend {params.backend!r} unavailable: {exc}") from exc
+        # The engines' hint names the Python API's switch; a node user sets the parameter.
+        reason = str(exc).replace(BUILD_IF_MISSING_HINT, "set the parameter build_engines:=true to build at configure")
+        raise ConfigurationError(f"vision backend {params.backend!r} unavailable: {reason}") from exc
 
 
-# -- entry points ----------------------------------------------------------------------------------
-@dataclass
-class RosArgs:
-    """The parts of ``--ros-args`` the DDS runner understands (rclpy parses its own)."""
-
-    namespace: str = "/"
-    node_name: str = NODE_NAME
-    remaps: dict[str, str] = field(default_factory=dict)
-    params: dict[str, Any] = field(default_factory=dict)
-    params_files: list[str] = field(default_factory=list)
-
-
-def parse_ros_args(args: Sequence[str]) -> RosArgs:
-    """Parse ``--ros-args -r a:=b -p name:=value --params-file F`` (values parsed as YAML)."""
-    import yaml
-
-    out = RosArgs()
-    items = list(args)
-    if "--ros-args" not in items:
-        return out
-    items = items[items.index("--ros-args") + 1 :]
-    i = 0
-    while i < len(items):
-        flag = items[i]
-        if flag == "--":
-            break
-        if flag in ("-r", "--remap", "-p", "--param", "--params-file") and i + 1 < len(items):
-            value = items[i + 1]
-            i += 2
-            if flag == "--params-file":
-                out.params_files.append(value)
-                continue
-            if ":=" not in value:
-                raise ValueError(f"{flag} needs NAME:=VALUE, got {value!r}")
-            key, val = value.split(":=", 1)
-            if flag in ("-p", "--param"):
-                out.params[key] = yaml.safe_load(val) if val else ""
-            elif key == "__ns":
-                out.namespace = val
-            elif key in ("__node", "__name"):
-                out.node_name = val
-            else:
-                out.remaps[key] = val
-            continue
-        i += 1
-    return out
-
-
-def dds_parameters(ros: RosArgs) -> NodeParameters:
-    values: dict[str, Any] = {}
-    for path in ros.params_files:
-        values.update(load_parameter_file(path, ros.node_name, ros.namespace))
-    values.update(ros.params)
-    values.pop("use_sim_time", None)  # accepted for launch compatibility; DDS runs on wall time
-    return NodeParameters.from_mapping(values)
-
-
-def run_dds(argv: Sequence[str], stop: threading.Event | None = None, **node_kwargs: Any) -> int:
-    """Run the node on Cyclone DDS until SIGINT/SIGTERM (or ``stop`` is set)."""
-    from omg_llava_ros.ros.dds_transport import DdsTransport
-
-    logging.basicConfig(level=logging.INFO, format="[%(levelname)s] [%(name)s]: %(message)s")
-    ros = parse_ros_args(argv)
-    params = dds_parameters(ros)
-    transport = DdsTransport(ros.namespace, ros.node_name, ros.remaps)
-    node = OmgLlavaNode(transport, params, **node_kwargs)
-    stop = stop or threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-    try:
-        node.configure()
-        node.activate()
-        transport.logger.info("running on Cyclone DDS domain %d; Ctrl-C to stop", transport.domain_id)
-        stop.wait()
-    except ConfigurationError as exc:
-        transport.logger.error("configure failed: %s", exc)
-        return 1
-    finally:
-        node.shutdown()
-        transport.close()
-    return 0
-
-
+# -- entry point ------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the node on rclpy (``--ros-args`` as in ``ros2 run``); non-zero when it cannot run."""
     args = list(sys.argv if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="omg_llava_node", add_help=True)
-    parser.add_argument(
-        "--transport",
-        choices=("auto", "rclpy", "dds"),
-        default="auto",
-        help="auto: rclpy when importable, else Cyclone DDS",
+    try:
+        from omg_llava_ros.ros.rclpy_node import check_interfaces, run_rclpy
+
+        check_interfaces()
+    except ImportError as exc:  # rclpy itself, or a message package it needs
+        print(f"omg_llava_node: {ros_setup_hint(exc)}", file=sys.stderr)
+        return 2
+    return run_rclpy(args)
+
+
+def ros_setup_hint(exc: ImportError) -> str:
+    """What to install or build when rclpy or a message package cannot be imported."""
+    missing = getattr(exc, "name", None) or str(exc)
+    return (
+        f"cannot import {missing} ({exc}). The node needs rclpy and the message packages "
+        "omg_llava_ros_interfaces and vision_msgs: with a system ROS, `source /opt/ros/<distro>/setup.bash`, "
+        "build this repository's ros2/ packages with colcon and `source install/setup.bash`; without one, "
+        "`bash ros2/setup_ros2.sh` (pip wheels + colcon) and `source build/ros2/install/setup.bash`. See the README."
     )
-    own = args[1 : args.index("--ros-args")] if "--ros-args" in args else args[1:]
-    options, _ = parser.parse_known_args(own)
-    transport = options.transport
-    if transport == "auto":
-        try:
-            import rclpy  # noqa: F401
-
-            transport = "rclpy"
-        except ImportError:
-            transport = "dds"
-    if transport == "rclpy":
-        from omg_llava_ros.ros.rclpy_node import run_rclpy
-
-        return run_rclpy(args)
-    return run_dds(args)
 
 
 if __name__ == "__main__":

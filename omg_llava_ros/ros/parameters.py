@@ -1,7 +1,7 @@
 """The node's parameters, declared in ONE place (this dataclass); config/omg_llava.yaml mirrors it.
 
-The rclpy node declares a ROS parameter per field (type and description from here); the DDS
-runner reads the same YAML file. A test checks that the YAML and this class agree.
+The rclpy node declares a ROS parameter per field (default and description from here; values
+are type-checked here, at configure). A test checks that the YAML and this class agree.
 """
 
 from __future__ import annotations
@@ -89,7 +89,10 @@ class NodeParameters:
     result_qos_reliability: str = _p("reliable", "output publishers' reliability")
     result_qos_depth: int = _p(10, "output publishers' keep-last depth")
     action_timeout_s: float = _p(30.0, "~/segment goals without an image wait at most this long for a frame")
-    autostart: bool = _p(True, "configure and activate at start (no lifecycle manager needed)")
+    autostart: bool = _p(
+        True, "configure and activate at start (no lifecycle manager needed); the process exits 1 if either fails"
+    )
+    warm_up: bool = _p(True, "run one command and one follow frame at configure, so the first real command is not slow")
     stats_period_s: float = _p(10.0, "log frame/skip/error counts and latency this often; 0 = never")
 
     def __post_init__(self) -> None:

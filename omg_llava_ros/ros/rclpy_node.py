@@ -1,8 +1,7 @@
 """The rclpy side: a LifecycleNode and the Transport that maps the node's I/O onto rclpy.
 
-Deliberately small: the behaviour is in ``node.OmgLlavaNode`` (tested over DDS and in-process);
-this file only translates. rclpy cannot be installed on the development machines, so this file
-is checked by review against the rclpy Humble/Jazzy API, not by tests.
+Deliberately small: the behaviour is in ``node.OmgLlavaNode`` (unit-tested in-process); this
+file only translates. tests/ros2 runs it on real rclpy (Jazzy wheels) against a second rclpy node.
 
 Lifecycle: configure loads the model (engines are never built unless ``build_engines`` is set),
 activate creates publishers, subscriptions and the action server and starts the worker,
@@ -28,6 +27,7 @@ from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackRet
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_policy_name_from_kind
 
 from omg_llava_ros.pipeline.types import Stamp
+from omg_llava_ros.ros import messages as m
 from omg_llava_ros.ros.node import ConfigurationError, OmgLlavaNode
 from omg_llava_ros.ros.parameters import NODE_NAME, NodeParameters, QosSpec
 from omg_llava_ros.ros.transport import (
@@ -37,6 +37,8 @@ from omg_llava_ros.ros.transport import (
     SegmentHandler,
     Transport,
 )
+
+SEGMENT = "omg_llava_ros_interfaces/action/Segment"
 
 try:  # Iron and later
     from rclpy.event_handler import SubscriptionEventCallbacks
@@ -135,6 +137,36 @@ class RosLogger:
             self.debug(msg, *args)
 
 
+class RclpyLogHandler(logging.Handler):
+    """stdlib logging (the pipeline, model and engines log there) -> the node's rclpy logger.
+
+    Without it, records below WARNING are lost and warnings print bare through logging's
+    last-resort handler, beside and unlike the node's own lines.
+    """
+
+    def __init__(self, logger: Any) -> None:
+        super().__init__(logging.INFO)
+        self._logger = RosLogger(logger)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+            if record.exc_info:
+                text += "\n" + "".join(traceback.format_exception(*record.exc_info))
+            self._logger.log(record.levelno, "%s", f"[{record.name}] {text}")
+        except Exception:
+            self.handleError(record)
+
+
+def check_interfaces() -> None:
+    """Import every message package the node uses, type support included; ImportError if one is
+    missing (never built, or its workspace not sourced), before minutes go into loading a model."""
+    for msgtype in (m.GROUNDED_SEGMENTATION, m.DETECTION2D_ARRAY, m.IMAGE, m.POSE_STAMPED, m.STRING, SEGMENT):
+        cls = message_class(msgtype)
+        # rosidl's generated classes load their C type support lazily; load it now.
+        type(cls).__import_type_support__()
+
+
 class _RclpyPublisher:
     def __init__(self, publisher: Any, cls: Any) -> None:
         self.publisher, self.cls = publisher, cls
@@ -195,7 +227,7 @@ class RclpyTransport(Transport):
         )
 
     def create_action_server(self, name: str, handler: SegmentHandler) -> Any:
-        segment = message_class("omg_llava_ros/action/Segment")
+        segment = message_class(SEGMENT)
 
         def execute(goal_handle: Any) -> Any:
             request = goal_handle.request
@@ -248,9 +280,22 @@ class OmgLlavaLifecycleNode(LifecycleNode):
     def __init__(self, node_name: str = NODE_NAME, **kwargs: Any) -> None:
         super().__init__(node_name, **kwargs)
         for name, default, description in NodeParameters.specs():
-            self.declare_parameter(name, default, ParameterDescriptor(description=description))
+            # Dynamic typing: `-p stats_period_s:=0` (an integer for a float) must not kill the node
+            # in rclpy's declare; NodeParameters checks and converts every value at configure and
+            # names the parameter of a real type mistake.
+            descriptor = ParameterDescriptor(description=description, dynamic_typing=True)
+            self.declare_parameter(name, default, descriptor)
         self.transport = RclpyTransport(self)
         self.core: OmgLlavaNode | None = None
+        self._log_handler = RclpyLogHandler(self.get_logger())
+        package_logger = logging.getLogger("omg_llava_ros")
+        package_logger.addHandler(self._log_handler)
+        package_logger.setLevel(logging.INFO)
+        package_logger.propagate = False  # printed once, by rclpy
+
+    def destroy_node(self) -> None:
+        logging.getLogger("omg_llava_ros").removeHandler(self._log_handler)
+        super().destroy_node()
 
     def _step(self, what: str, action: Callable[[], None]) -> TransitionCallbackReturn:
         try:
@@ -306,17 +351,27 @@ class OmgLlavaLifecycleNode(LifecycleNode):
 
 
 def run_rclpy(args: Sequence[str]) -> int:
-    """Spin the lifecycle node (self-activating unless autostart is false) until shutdown."""
+    """Spin the lifecycle node (self-activating unless autostart is false) until shutdown.
+
+    Exit status: 0 after SIGINT/SIGTERM or an external shutdown; 1 when autostart's configure or
+    activate failed (logged), so a supervisor or launch file sees it instead of an idle process.
+    """
     from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 
     rclpy.init(args=list(args))
     node = OmgLlavaLifecycleNode()
     executor = MultiThreadedExecutor(num_threads=4)
     executor.add_node(node)
+    status = 0
     try:
-        if node.get_parameter("autostart").value and node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
-            node.trigger_activate()
-        executor.spin()
+        if node.get_parameter("autostart").value:
+            for transition in (node.trigger_configure, node.trigger_activate):
+                if transition() != TransitionCallbackReturn.SUCCESS:
+                    node.get_logger().fatal(f"autostart: {transition.__name__[len('trigger_') :]} failed; exiting")
+                    status = 1
+                    break
+        if status == 0:
+            executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
@@ -325,4 +380,4 @@ def run_rclpy(args: Sequence[str]) -> int:
         executor.shutdown()
         node.destroy_node()
         rclpy.try_shutdown()
-    return 0
+    return status

@@ -4,33 +4,23 @@
         image_topic:=/camera/color/image_raw depth_topic:=/camera/aligned_depth_to_color/image_raw \
         camera_info_topic:=/camera/color/camera_info namespace:=robot1
 
-The node self-activates (autostart); send a command with
+The node self-activates (autostart) and exits 1 if that fails; send a command with
     ros2 topic pub --once /robot1/omg_llava/command std_msgs/msg/String "{data: 'pick up the red cup'}"
+
+Thin on purpose: one Node action. tests/ros2 renders it into the command line that the real-rclpy
+tests run.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import os
 
-from launch.actions import DeclareLaunchArgument, LogInfo
+from ament_index_python.packages import get_package_share_directory
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 from launch_ros.parameter_descriptions import ParameterValue
-
-from launch import LaunchDescription
-
-PACKAGE = "omg_llava_ros"
-
-
-def _default_params_file() -> str:
-    try:
-        from ament_index_python.packages import get_package_share_directory
-
-        return str(Path(get_package_share_directory(PACKAGE)) / "config" / "omg_llava.yaml")
-    except Exception:  # not installed with colcon: the source tree's copy
-        return str(Path(__file__).resolve().parent.parent / "config" / "omg_llava.yaml")
-
 
 # (name, default, description): every launch argument, in one place.
 ARGUMENTS: tuple[tuple[str, str, str], ...] = (
@@ -44,8 +34,11 @@ ARGUMENTS: tuple[tuple[str, str, str], ...] = (
     ("camera_info_topic", "/camera/camera_info", "CameraInfo of the colour image"),
     ("use_depth", "true", "subscribe depth + camera_info and publish 3D targets"),
     ("command_topic", "~/command", "std_msgs/String commands (default: the node's own ~/command)"),
-    ("params_file", _default_params_file(), "parameter YAML (defaults: config/omg_llava.yaml)"),
-    ("python", sys.executable, "Python interpreter that has omg_llava_ros and its dependencies"),
+    (
+        "params_file",
+        os.path.join(get_package_share_directory("omg_llava_ros"), "config", "omg_llava.yaml"),
+        "parameter YAML (every parameter, with its default)",
+    ),
 )
 
 
@@ -53,9 +46,8 @@ def generate_launch_description() -> LaunchDescription:
     args = {name: LaunchConfiguration(name) for name, _, _ in ARGUMENTS}
     image = args["image_topic"]
     node = Node(
-        # Run as a module: one code path for colcon and pip installs, no console script to install.
-        executable=args["python"],
-        arguments=["-m", "omg_llava_ros.ros.node", "--transport", "rclpy"],
+        package="omg_llava_ros",
+        executable="omg_llava_node",
         name="omg_llava",
         namespace=args["namespace"],
         output="screen",
@@ -80,8 +72,5 @@ def generate_launch_description() -> LaunchDescription:
     )
     return LaunchDescription(
         [DeclareLaunchArgument(name, default_value=default, description=desc) for name, default, desc in ARGUMENTS]
-        + [
-            LogInfo(msg=["omg_llava: image ", image, ", model ", args["model_path"], ", backend ", args["backend"]]),
-            node,
-        ]
+        + [node]
     )
