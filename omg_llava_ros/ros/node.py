@@ -128,6 +128,7 @@ class OmgLlavaNode:
         model_loader: ModelLoader | None = None,
         logits_processor: Callable[..., Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        first_command_id: int = 1,
     ) -> None:
         self.transport = transport
         self.params = params or NodeParameters()
@@ -153,8 +154,13 @@ class OmgLlavaNode:
         self._waiters_lock = threading.RLock()  # _on_segment_goal holds it around _set_command
         self._throttle: dict[str, tuple[float, int]] = {}
         self._last_stats = clock()
-        self._next_command_id = 1  # command ids keep increasing across cleanup -> configure
+        self._next_command_id = first_command_id  # ids keep increasing across cleanup -> configure
         transport.on_error = self._on_transport_error
+
+    @property
+    def next_command_id(self) -> int:
+        """The id the next command gets (for a node object that replaces this one)."""
+        return self.pipeline.next_command_id if self.pipeline is not None else self._next_command_id
 
     # -- lifecycle ---------------------------------------------------------------------------
     def configure(self) -> None:

@@ -287,6 +287,7 @@ class OmgLlavaLifecycleNode(LifecycleNode):
             self.declare_parameter(name, default, descriptor)
         self.transport = RclpyTransport(self)
         self.core: OmgLlavaNode | None = None
+        self._next_command_id = 1  # GroundedSegmentation.command_id increases across reconfigures
         self._log_handler = RclpyLogHandler(self.get_logger())
         package_logger = logging.getLogger("omg_llava_ros")
         package_logger.addHandler(self._log_handler)
@@ -311,7 +312,7 @@ class OmgLlavaLifecycleNode(LifecycleNode):
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         def configure() -> None:
             params = NodeParameters.from_getter(lambda name: self.get_parameter(name).value)
-            core = OmgLlavaNode(self.transport, params)
+            core = OmgLlavaNode(self.transport, params, first_command_id=self._next_command_id)
             core.configure()
             self.core = core
 
@@ -327,7 +328,9 @@ class OmgLlavaLifecycleNode(LifecycleNode):
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         def cleanup() -> None:
-            self._core().cleanup()
+            core = self._core()
+            core.cleanup()
+            self._next_command_id = core.next_command_id
             self.core = None
 
         return self._step("cleanup", cleanup)
