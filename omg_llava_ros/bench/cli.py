@@ -50,6 +50,13 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         help="time a perception (stage-0) training step of the embedded config instead: prompts in the panoptic "
         "pass against a prompt a batch row (--repeats steps each)",
     )
+    p.add_argument(
+        "--ros2",
+        action="store_true",
+        help="time the node on real rclpy instead (needs the ROS workspace sourced): image published -> result "
+        "received for the first command after activation (with and without warm-up), commands and follow frames, "
+        "beside the same frames in process (--repeats commands, --follow-frames each)",
+    )
     p.set_defaults(func=cmd_bench)
     return p
 
@@ -134,9 +141,44 @@ def cmd_training_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_node_bench(args: argparse.Namespace) -> int:
+    from omg_llava_ros.bench.node_latency import bench_node, format_node_report
+
+    if (
+        args.model is not None
+        or args.config is not None
+        or args.device != "cpu"
+        or args.backend not in ("torch", "onnxruntime")
+    ):
+        raise SystemExit("error: --ros2 times the embedded default on the CPU with --backend torch or onnxruntime")
+    try:
+        from omg_llava_ros.ros.rclpy_node import check_interfaces
+
+        check_interfaces()
+    except ImportError as exc:
+        from omg_llava_ros.ros.node import ros_setup_hint
+
+        raise SystemExit(f"error: {ros_setup_hint(exc)}") from None
+    set_threads(args)
+
+    def progress(msg: str) -> None:
+        print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+    try:
+        report = bench_node(args.repeats, args.follow_frames, args.seed, args.backend, progress)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    print(format_node_report(report))
+    if args.json:
+        print(json.dumps(report))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.training:
         return cmd_training_bench(args)
+    if args.ros2:
+        return cmd_node_bench(args)
     if args.config == "official-7b" or args.model == "official-7b":
         from omg_llava_ros.bench import gpu_official
 

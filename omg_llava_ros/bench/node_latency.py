@@ -1,0 +1,199 @@
+"""`omg-llava-ros bench --ros2`: end-to-end latency of the node on real rclpy, beside the pipeline's.
+
+The node runs as a separate process on rclpy (``python -m omg_llava_ros.ros.node``); a second
+rclpy node (omg_llava_ros.ros.peer) publishes tabletop frames and commands and times each result
+from the image's publication to the result's arrival: the first command after activation, further
+commands, and follow-mode frames (each frame published after the previous result, so these are
+latencies, not a rate). The node is started twice in the run, with and without the warm-up at
+configure, so the first command's cost is shown both ways. The same frames and commands then go
+through a ``PerceptionPipeline`` in this process: the difference is what ROS adds (serialisation,
+DDS, conversion, the worker hand-off). Needs the ROS workspace sourced (see the README).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+NAMESPACE = "/omg_llava_bench"
+NODE = f"{NAMESPACE}/omg_llava"
+IMAGE_TOPIC = f"{NAMESPACE}/camera/image"
+START_TIMEOUT_S = 300.0
+
+
+def _scenes(seed: int, commands: int, follow_frames: int) -> list[tuple[str, list[np.ndarray]]]:
+    from omg_llava_ros.toyworld import sample_moving_scene
+
+    rng = np.random.default_rng(seed)
+    return [
+        (moving.command.question, [f.image for f in moving.frames])
+        for moving in (sample_moving_scene(rng, num_frames=follow_frames + 1) for _ in range(commands))
+    ]
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    arr = np.asarray(values, dtype=np.float64)
+    return {
+        "p50": float(np.percentile(arr, 50)),
+        "p95": float(np.percentile(arr, 95)),
+        "max": float(arr.max()),
+        "n": len(values),
+    }
+
+
+def _node_run(
+    scenes: list[tuple[str, list[np.ndarray]]], warm_up: bool, backend: str, progress: Callable[[str], None]
+) -> dict[str, Any]:
+
+    command = [sys.executable, "-m", "omg_llava_ros.ros.node", "--ros-args", "-r", "__node:=omg_llava"]
+    command += ["-r", f"__ns:={NAMESPACE}", "-r", f"~/image:={IMAGE_TOPIC}", "-p", f"backend:={backend}"]
+    command += ["-p", "use_depth:=false", "-p", "stats_period_s:=0", "-p", f"warm_up:={str(warm_up).lower()}"]
+    with tempfile.TemporaryDirectory(prefix="omg_llava_bench_") as tmp:
+        log_path = Path(tmp) / "node.log"
+        with log_path.open("w") as log_file:
+            started = time.monotonic()
+            proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+            try:
+                return _time_node(proc, log_path, scenes, warm_up, started, progress)
+            finally:
+                proc.send_signal(2)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+def _time_node(
+    proc: subprocess.Popen,
+    log_path: Path,
+    scenes: list[tuple[str, list[np.ndarray]]],
+    warm_up: bool,
+    started: float,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    from omg_llava_ros.ros.peer import NodePeer, image_message
+
+    peer = NodePeer(
+        NODE,
+        {"image": IMAGE_TOPIC, "depth": "~/unused_depth", "camera_info": "~/unused_info", "command": f"{NODE}/command"},
+    )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while "serving action" not in log_path.read_text(errors="replace"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the node did not start; its log:\n{log_path.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.1)
+        ready_s = time.monotonic() - started
+        if not (peer.wait_for_subscribers("image") and peer.wait_for_subscribers("command")):
+            raise RuntimeError("the node's subscriptions were not discovered")
+        progress(f"node up in {ready_s:.1f} s (warm_up={warm_up}); timing {len(scenes)} commands")
+        commands, follows, node_commands, node_follows = [], [], [], []
+        stamp_sec = 1
+        for text, frames in scenes:
+            peer.command(text)
+            time.sleep(0.2)  # the command arrives before the frame that answers it
+            for i, frame in enumerate(frames):
+                stamp = (stamp_sec, 0)
+                stamp_sec += 1
+                sent = peer.publish("image", image_message(frame, stamp, "camera"))
+                result = peer.with_stamp("result", stamp, timeout=60.0)
+                if result is None:
+                    raise RuntimeError(
+                        f"no result for frame {stamp}; node log:\n{log_path.read_text(errors='replace')[-3000:]}"
+                    )
+                (follows if i else commands).append((result.at - sent) * 1000.0)
+                (node_follows if i else node_commands).append(float(result.msg.latency_ms))
+        return {
+            "ready_s": ready_s,
+            "first_command_ms": commands[0],
+            "command_ms": _percentiles(commands[1:]),
+            "follow_ms": _percentiles(follows),
+            "node_command_ms": _percentiles(node_commands[1:]),
+            "node_follow_ms": _percentiles(node_follows),
+        }
+    finally:
+        peer.close()
+
+
+def _in_process(scenes: list[tuple[str, list[np.ndarray]]], backend: str) -> dict[str, Any]:
+    from omg_llava_ros.pipeline import Frame, PerceptionPipeline
+    from omg_llava_ros.ros.node import load_model
+    from omg_llava_ros.ros.parameters import NodeParameters
+
+    class _Log:
+        def __getattr__(self, _name: str) -> Callable[..., None]:
+            return lambda *args, **kwargs: None
+
+    model = load_model(NodeParameters(backend=backend, device="cpu"), _Log())
+    pipeline = PerceptionPipeline(model)
+    first = pipeline.warm_up()
+    commands, follows = [], []
+    stamp_sec = 1
+    for text, frames in scenes:
+        pipeline.set_command(text)
+        for i, frame in enumerate(frames):
+            started = time.monotonic()
+            pipeline.process(Frame(frame, (stamp_sec, 0), "camera", received_at=started))
+            stamp_sec += 1
+            (follows if i else commands).append((time.monotonic() - started) * 1000.0)
+    return {
+        "first_call_ms": first * 1000.0,
+        "command_ms": _percentiles(commands[1:]),
+        "follow_ms": _percentiles(follows),
+    }
+
+
+def bench_node(
+    commands: int = 8,
+    follow_frames: int = 8,
+    seed: int = 0,
+    backend: str = "torch",
+    progress: Callable[[str], None] = lambda _msg: None,
+) -> dict[str, Any]:
+    """Both node runs and the in-process pipeline on the same scenes; see the module docstring."""
+    if commands < 2:
+        raise ValueError("--repeats must be at least 2 (the first command is reported on its own)")
+    os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    scenes = _scenes(seed, commands, follow_frames)
+    report: dict[str, Any] = {"commands": commands, "follow_frames": follow_frames, "backend": backend}
+    report["node_warm"] = _node_run(scenes, True, backend, progress)
+    report["node_cold"] = _node_run(scenes, False, backend, progress)
+    progress("the same frames in process")
+    report["in_process"] = _in_process(scenes, backend)
+    return report
+
+
+def format_node_report(r: dict[str, Any]) -> str:
+    def row(name: str, stats: dict[str, float]) -> str:
+        return (
+            f"  {name:<44} p50 {stats['p50']:7.1f}  p95 {stats['p95']:7.1f}  max {stats['max']:7.1f}  (n={stats['n']})"
+        )
+
+    warm, cold, local = r["node_warm"], r["node_cold"], r["in_process"]
+
+    def added(key: str) -> float:
+        return warm[key]["p50"] - local[key]["p50"]
+
+    lines = [
+        f"node on rclpy ({r['backend']} vision), {r['commands']} commands x {r['follow_frames']} follow frames, ms:",
+        f"  first command after activation, warm-up at configure  {warm['first_command_ms']:7.1f}",
+        f"  first command after activation, no warm-up            {cold['first_command_ms']:7.1f}",
+        row("command: image published -> result received", warm["command_ms"]),
+        row("follow:  image published -> result received", warm["follow_ms"]),
+        row("command: in the node (receipt -> publish)", warm["node_command_ms"]),
+        row("follow:  in the node (receipt -> publish)", warm["node_follow_ms"]),
+        row("command: pipeline in process", local["command_ms"]),
+        row("follow:  pipeline in process", local["follow_ms"]),
+        f"  ROS adds (p50, end to end - in process): command {added('command_ms'):.1f} ms,"
+        f" follow {added('follow_ms'):.1f} ms",
+    ]
+    return "\n".join(lines)
