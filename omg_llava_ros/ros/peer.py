@@ -112,7 +112,9 @@ class NodePeer:
     remapping); outputs are the node's private ``<node>/<name>`` topics.
     """
 
-    def __init__(self, node_name: str, inputs: dict[str, str], domain_id: int | None = None) -> None:
+    def __init__(
+        self, node_name: str, inputs: dict[str, str], domain_id: int | None = None, outputs: tuple[str, ...] | None = None
+    ) -> None:
         self.node_name = node_name  # e.g. /robot1/omg_llava
         self.context = rclpy.Context()
         rclpy.init(context=self.context, domain_id=domain_id)
@@ -130,6 +132,8 @@ class NodePeer:
             "command": self.node.create_publisher(message_class("std_msgs/msg/String"), inputs["command"], reliable),
         }
         for name, msgtype in OUTPUT_TOPICS.items():
+            if outputs is not None and name not in outputs:
+                continue
             self.node.create_subscription(
                 message_class(msgtype), f"{node_name}/{name}", self._collector(name), QoSProfile(depth=50)
             )
