@@ -10,6 +10,7 @@ Without it these tests skip, except under CI, where a missing ROS set-up is a fa
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -399,3 +400,19 @@ def test_sigint_stops_the_node_with_status_0(running):
     node, _ = running
     assert node.stop(signal.SIGINT) == 0
     assert "Traceback" not in node.log()
+
+
+def test_node_bench_reports_end_to_end_and_in_process_latency(capsys):
+    from omg_llava_ros.cli import main
+
+    argv = ["bench", "--ros2", "--threads", "1", "--repeats", "2", "--follow-frames", "1", "--json"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out.strip().splitlines()[-1])
+    for run in ("node_warm", "node_cold"):
+        assert report[run]["first_command_ms"] > 0
+        assert report[run]["command_ms"]["n"] == 1 and report[run]["follow_ms"]["n"] == 2
+        # End to end includes the node's own receipt -> publish time.
+        assert report[run]["follow_ms"]["p50"] >= report[run]["node_follow_ms"]["p50"]
+    assert report["in_process"]["follow_ms"]["n"] == 2
+    assert "first command after activation, warm-up at configure" in out
