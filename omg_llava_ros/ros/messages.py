@@ -2,7 +2,7 @@
 
 Outputs are built as nested *field dicts* (field name -> value; a nested message is a dict, a
 message array a list of dicts, a numeric array a numpy array). One dict feeds every transport:
-the rclpy transport copies it onto rclpy messages, the DDS transport and the tests turn it into
+the rclpy transport copies it onto rclpy messages; the replay and the tests turn it into
 ``rosbags`` messages and CDR (``RosbagsMessages``). Inputs are read duck-typed, so rclpy and
 rosbags messages work alike.
 

@@ -1,4 +1,5 @@
-"""The node's parameters, declared in ONE place (this dataclass); config/omg_llava.yaml mirrors it.
+"""The node's parameters, declared in ONE place (this dataclass); ros2/omg_llava_ros/config/omg_llava.yaml
+mirrors it.
 
 The rclpy node declares a ROS parameter per field (default and description from here; values
 are type-checked here, at configure). A test checks that the YAML and this class agree.

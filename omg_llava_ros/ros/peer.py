@@ -113,7 +113,11 @@ class NodePeer:
     """
 
     def __init__(
-        self, node_name: str, inputs: dict[str, str], domain_id: int | None = None, outputs: tuple[str, ...] | None = None
+        self,
+        node_name: str,
+        inputs: dict[str, str],
+        domain_id: int | None = None,
+        outputs: tuple[str, ...] | None = None,
     ) -> None:
         self.node_name = node_name  # e.g. /robot1/omg_llava
         self.context = rclpy.Context()

@@ -1,5 +1,5 @@
-"""The node's ROS I/O behind one small interface, so the same node runs on rclpy, on plain Cyclone
-DDS (no ROS install) and in-process in tests.
+"""The node's ROS I/O behind one small interface, so the same node runs on rclpy and in-process
+(``MemoryTransport``, for fast unit tests).
 
 Publishers take *field dicts* (see ``messages.py``); subscription callbacks receive message objects
 that are read duck-typed (rclpy and rosbags messages have the same attribute names). Callbacks run
