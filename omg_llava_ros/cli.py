@@ -201,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--only",
         nargs="+",
         default=None,
-        help="sections: referring text region grounded_caption panoptic follow referring_alike",
+        help="sections: referring_forms referring text region grounded_caption panoptic follow referring_alike "
+        "(referring_forms: per form 1-6 and per command template, expressions drawn form first; referring: "
+        "the shortest expression)",
     )
     ev.add_argument(
         "--renderer",

@@ -1,7 +1,11 @@
 """Evaluation of a model on fresh tabletop scenes: every metric the embedded default must reach.
 
-- referring segmentation: cIoU (Σ I / Σ U) and gIoU (mean IoU, empty vs empty = 1) of the first
-  `[SEG]` mask (none = empty), over every referring form and command template;
+- referring segmentation by form (`referring_forms`, the headline): the target's expression drawn
+  form first (uniform over the forms of toyworld.md that name it, then uniform within the form) and
+  a uniform command template; cIoU (Σ I / Σ U) and gIoU (mean IoU, empty vs empty = 1) of the first
+  `[SEG]` mask (none = empty) overall and per template, and `samples` more per form (1-6) whose
+  targets that form names, for a per-form figure that every form gets equally;
+- referring segmentation on the shortest expression (`referring`, mostly colour and shape forms);
 - counting, attribute, existence, caption, region caption (point, box and mask prompts), region
   colour: exact-match accuracy of the answer text;
 - grounded caption: exact match and mask mIoU (phrase i ↔ i-th `[SEG]`; a missing mask scores 0);
@@ -30,7 +34,8 @@ from omg_llava_ros.toyworld import (
     sample_referring_segmentation,
     sample_scene,
 )
-from omg_llava_ros.toyworld.referring import referable_objects
+from omg_llava_ros.toyworld.conversations import REFERRING_TEMPLATES, SEG_TOKEN
+from omg_llava_ros.toyworld.referring import enumerate_expressions, referable_objects
 from omg_llava_ros.toyworld.render_pil import pil_options, random_render_pil, render_pil
 from omg_llava_ros.toyworld.scene import MAX_OBJECTS
 from omg_llava_ros.training.data import with_duplicate
@@ -112,7 +117,69 @@ def panoptic_quality(pred: list, rendered, class_names: tuple[str, ...]) -> dict
     return stats
 
 
-SECTIONS = ("referring", "text", "region", "grounded_caption", "panoptic", "follow", "referring_alike")
+SECTIONS = (
+    "referring_forms",
+    "referring",
+    "text",
+    "region",
+    "grounded_caption",
+    "panoptic",
+    "follow",
+    "referring_alike",
+)
+FORMS = (1, 2, 3, 4, 5, 6)  # toyworld.md's referring forms
+
+
+def _referring_by_form(model: OmgLlava, rng: np.random.Generator, samples: int, size: int, renderer: str) -> dict:
+    """See the module docstring (`referring_forms`)."""
+    overall, text_exact = IoUAccumulator(), []
+    by_form = {form: IoUAccumulator() for form in FORMS}
+    by_template = {template: IoUAccumulator() for template in REFERRING_TEMPLATES}
+
+    def ask(rendered, target: int, expression: str, form_acc: IoUAccumulator | None) -> None:
+        template = REFERRING_TEMPLATES[int(rng.integers(len(REFERRING_TEMPLATES)))]
+        res = model.chat(rendered.image, template.format(ref=expression))
+        gt = rendered.objects[target].mask
+        pred = res.segments[0].mask if res.segments else np.zeros_like(gt)
+        by_template[template].add(pred, gt)
+        if form_acc is None:
+            overall.add(pred, gt)
+            text_exact.append(res.text == f"<p> {expression} </p> {SEG_TOKEN}.")
+        else:
+            form_acc.add(pred, gt)
+
+    for _ in range(samples):  # form first, as a user's expression may be of any form
+        rendered = _scene(rng, size, renderer)
+        targets = referable_objects(rendered)
+        target = targets[int(rng.integers(len(targets)))]
+        expressions = enumerate_expressions(rendered, target)
+        forms = sorted({e.form for e in expressions})
+        form = forms[int(rng.integers(len(forms)))]
+        choices = [e.text for e in expressions if e.form == form]
+        ask(rendered, target, choices[int(rng.integers(len(choices)))], None)
+    for form in FORMS:  # each form equally: scenes until one of its targets has an expression of it
+        done = 0
+        while done < samples:
+            rendered = _scene(rng, size, renderer)
+            named = {
+                t: [e.text for e in enumerate_expressions(rendered, t) if e.form == form]
+                for t in range(len(rendered.objects))
+            }
+            targets = [t for t, texts in named.items() if texts]
+            if not targets:
+                continue
+            target = targets[int(rng.integers(len(targets)))]
+            ask(rendered, target, named[target][int(rng.integers(len(named[target])))], by_form[form])
+            done += 1
+
+    def figures(acc: IoUAccumulator) -> dict:
+        return {"ciou": acc.ciou, "giou": acc.giou, "n": len(acc.ious or [])}
+
+    return {
+        "overall": {**figures(overall), "text_exact": float(np.mean(text_exact)) if text_exact else 0.0},
+        "by_form": {str(form): figures(acc) for form, acc in by_form.items()},
+        "by_template": {template: figures(acc) for template, acc in by_template.items()},
+    }
 
 
 def _alike_target(rng: np.random.Generator, size: int, renderer: str = "ours"):
@@ -147,6 +214,11 @@ def evaluate(
     t0 = time.monotonic()
     rng = np.random.default_rng(EVAL_SEED_OFFSET + seed)
     out: dict = {"samples_per_task": samples, "seed": seed, "size": size, "renderer": renderer}
+
+    if "referring_forms" in sections:
+        # A generator of its own, so that the other sections draw the same scenes as before.
+        form_rng = np.random.default_rng(EVAL_SEED_OFFSET + seed + 2)
+        out["referring_forms"] = _referring_by_form(model, form_rng, samples, size, renderer)
 
     ref = IoUAccumulator()
     exact: dict[str, list[bool]] = defaultdict(list)
