@@ -376,7 +376,8 @@ def test_mismatched_depth_is_reported_and_results_still_flow(harness, msgs, capl
     with caplog.at_level(logging.WARNING):
         h.send_image(image_msg(msgs, 40))
     assert h.out("result") and h.out("target_points") == []
-    assert "does not match the image" in caplog.text
+    # Reported on the input it is about, by its resolved name.
+    assert f"{topic('depth')}: depth {W // 2}x{H // 2} does not match the image" in caplog.text
 
 
 def test_incompatible_qos_is_logged_as_an_error(harness, caplog):

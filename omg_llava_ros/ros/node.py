@@ -58,11 +58,11 @@ _THROTTLE_S = 5.0
 
 # A result's warnings, by the input they are about (first match; the rest concern the answer).
 _WARNING_TOPICS: tuple[tuple[str, str], ...] = (
-    ("no depth image", DEPTH_TOPIC),
-    ("depth image unusable", DEPTH_TOPIC),
-    ("has no valid depth", DEPTH_TOPIC),
-    ("no camera_info", CAMERA_INFO_TOPIC),
-    ("command", COMMAND_TOPIC),
+    ("camera_info", CAMERA_INFO_TOPIC),
+    ("camera intrinsics", CAMERA_INFO_TOPIC),
+    ("depth", DEPTH_TOPIC),
+    ("command truncated", COMMAND_TOPIC),
+    ("from the command", COMMAND_TOPIC),
 )
 
 
