@@ -72,3 +72,17 @@ def test_the_headline_draws_forms_uniformly_not_the_shortest_expression():
     # make up a good part of the headline.
     assert (counts > 0).all(), counts
     assert counts[3:].sum() > 120 * 0.3, counts
+
+
+def test_the_probe_sorts_every_failure_into_one_cause():
+    from omg_llava_ros import OmgLlava
+    from omg_llava_ros.training.referring_probe import probe
+
+    model = OmgLlava.from_pretrained()
+    original = model._seg_points
+    report = probe(model, samples=3, seed=1)
+    assert model._seg_points == original  # the recording hook is removed again
+    assert set(report) == {str(f) for f in FORMS}
+    for figures in report.values():
+        assert figures["samples"] == 3 and 0.0 <= figures["ciou"] <= 1.0
+        assert sum(figures["causes"].values()) == figures["failures"] <= 3
