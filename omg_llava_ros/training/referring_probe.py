@@ -95,7 +95,7 @@ def probe(model: OmgLlava, samples: int, seed: int, size: int = 256, renderer: s
                 "causes": {k: causes[k] for k in ("perception", "pointer", "mask", "no_seg")},
             }
     finally:
-        model._seg_points = original
+        del model._seg_points  # the class method again
     return report
 
 
