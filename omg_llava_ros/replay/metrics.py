@@ -1,7 +1,4 @@
-"""Replay metrics: mask quality against ground truth and timing, one definition everywhere.
-
-cIoU = Σ intersections / Σ unions over a set of frames; gIoU = mean per-frame IoU, where an empty
-prediction against an empty ground truth counts as 1 (DESIGN.md, "Metrics").
+"""Replay metrics: mask quality (``omg_llava_ros.metrics``, shared with eval) and timing.
 
 Timing follows ros2_benchmark: latency = output time - input receive time per output; output fps
 = outputs / (last output - first input); jitter = |Δt_i - Δt_(i-1)| of consecutive output
@@ -11,50 +8,12 @@ inter-arrival times (how unevenly results reach a consumer).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
+from omg_llava_ros.metrics import IouAccumulator, mask_iou_counts, sample_iou
 
-def mask_iou_counts(pred: np.ndarray, gt: np.ndarray) -> tuple[int, int]:
-    """(intersection, union) pixel counts of two boolean masks of the same shape."""
-    p = np.asarray(pred, dtype=bool)
-    g = np.asarray(gt, dtype=bool)
-    if p.shape != g.shape:
-        raise ValueError(f"prediction {p.shape} and ground truth {g.shape} differ in shape")
-    return int(np.count_nonzero(p & g)), int(np.count_nonzero(p | g))
-
-
-def sample_iou(intersection: int, union: int) -> float:
-    return 1.0 if union == 0 else intersection / union
-
-
-@dataclass
-class IouAccumulator:
-    """Running cIoU/gIoU over the frames added."""
-
-    intersection: int = 0
-    union: int = 0
-    iou_sum: float = 0.0
-    frames: int = 0
-
-    def add(self, intersection: int, union: int) -> float:
-        self.intersection += intersection
-        self.union += union
-        iou = sample_iou(intersection, union)
-        self.iou_sum += iou
-        self.frames += 1
-        return iou
-
-    @property
-    def ciou(self) -> float | None:
-        if self.frames == 0:
-            return None
-        return 1.0 if self.union == 0 else self.intersection / self.union
-
-    @property
-    def giou(self) -> float | None:
-        return self.iou_sum / self.frames if self.frames else None
+__all__ = ["IouAccumulator", "jitter_summary", "latency_summary", "mask_iou_counts", "output_fps", "sample_iou"]
 
 
 def _r(value: float, digits: int = 3) -> float:

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 
 import numpy as np
 
+from omg_llava_ros.metrics import IouAccumulator, mask_iou_counts, sample_iou
 from omg_llava_ros.model.omg_llava import OmgLlava, Prompt
 from omg_llava_ros.toyworld import (
     ANTIALIAS_MODES,
@@ -44,8 +44,7 @@ EVAL_SEED_OFFSET = 10_000_000  # training seeds are small integers
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+    return sample_iou(*mask_iou_counts(a, b))
 
 
 def to_model_prompt(p) -> Prompt:
@@ -54,27 +53,6 @@ def to_model_prompt(p) -> Prompt:
     if p.kind == "box":
         return Prompt.box(*p.box)
     return Prompt.mask(p.mask)
-
-
-@dataclass
-class IoUAccumulator:
-    inter: float = 0.0
-    union: float = 0.0
-    ious: list | None = None
-
-    def add(self, pred: np.ndarray, gt: np.ndarray) -> None:
-        self.ious = self.ious or []
-        self.inter += float(np.logical_and(pred, gt).sum())
-        self.union += float(np.logical_or(pred, gt).sum())
-        self.ious.append(iou(pred, gt))
-
-    @property
-    def ciou(self) -> float:
-        return self.inter / self.union if self.union else 1.0
-
-    @property
-    def giou(self) -> float:
-        return float(np.mean(self.ious)) if self.ious else 0.0
 
 
 RENDERERS = ("ours", "pil")
@@ -132,21 +110,21 @@ FORMS = (1, 2, 3, 4, 5, 6)  # toyworld.md's referring forms
 
 def _referring_by_form(model: OmgLlava, rng: np.random.Generator, samples: int, size: int, renderer: str) -> dict:
     """See the module docstring (`referring_forms`)."""
-    overall, text_exact = IoUAccumulator(), []
-    by_form = {form: IoUAccumulator() for form in FORMS}
-    by_template = {template: IoUAccumulator() for template in REFERRING_TEMPLATES}
+    overall, text_exact = IouAccumulator(), []
+    by_form = {form: IouAccumulator() for form in FORMS}
+    by_template = {template: IouAccumulator() for template in REFERRING_TEMPLATES}
 
-    def ask(rendered, target: int, expression: str, form_acc: IoUAccumulator | None) -> None:
+    def ask(rendered, target: int, expression: str, form_acc: IouAccumulator | None) -> None:
         template = REFERRING_TEMPLATES[int(rng.integers(len(REFERRING_TEMPLATES)))]
         res = model.chat(rendered.image, template.format(ref=expression))
         gt = rendered.objects[target].mask
         pred = res.segments[0].mask if res.segments else np.zeros_like(gt)
-        by_template[template].add(pred, gt)
+        by_template[template].add_masks(pred, gt)
         if form_acc is None:
-            overall.add(pred, gt)
+            overall.add_masks(pred, gt)
             text_exact.append(res.text == f"<p> {expression} </p> {SEG_TOKEN}.")
         else:
-            form_acc.add(pred, gt)
+            form_acc.add_masks(pred, gt)
 
     for _ in range(samples):  # form first, as a user's expression may be of any form
         rendered = _scene(rng, size, renderer)
@@ -172,8 +150,8 @@ def _referring_by_form(model: OmgLlava, rng: np.random.Generator, samples: int, 
             ask(rendered, target, named[target][int(rng.integers(len(named[target])))], by_form[form])
             done += 1
 
-    def figures(acc: IoUAccumulator) -> dict:
-        return {"ciou": acc.ciou, "giou": acc.giou, "n": len(acc.ious or [])}
+    def figures(acc: IouAccumulator) -> dict:
+        return {"ciou": acc.ciou, "giou": acc.giou, "n": acc.frames}
 
     return {
         "overall": {**figures(overall), "text_exact": float(np.mean(text_exact)) if text_exact else 0.0},
@@ -220,7 +198,7 @@ def evaluate(
         form_rng = np.random.default_rng(EVAL_SEED_OFFSET + seed + 2)
         out["referring_forms"] = _referring_by_form(model, form_rng, samples, size, renderer)
 
-    ref = IoUAccumulator()
+    ref = IouAccumulator()
     exact: dict[str, list[bool]] = defaultdict(list)
     gcg_ious: list[float] = []
     for _ in range(samples if "referring" in sections else 0):
@@ -228,7 +206,7 @@ def evaluate(
         s = sample_conversation(rng, rendered, "referring_segmentation", ref_mode="shortest")
         res = model.chat(rendered.image, s.question)
         pred = res.segments[0].mask if res.segments else np.zeros_like(s.target_masks[0])
-        ref.add(pred, s.target_masks[0])
+        ref.add_masks(pred, s.target_masks[0])
         exact["referring_text"].append(res.text == s.answer)
     if "referring" in sections:
         out["referring"] = {"ciou": ref.ciou, "giou": ref.giou, "text_exact": float(np.mean(exact["referring_text"]))}
@@ -297,13 +275,13 @@ def evaluate(
     if "follow" in sections:
         out["follow_miou"] = float(np.mean(follow_ious))
 
-    alike, twin = IoUAccumulator(), []
+    alike, twin = IouAccumulator(), []
     for _ in range(samples if "referring_alike" in sections else 0):
         rendered, t, twins = _alike_target(rng, size, renderer)
         s = sample_referring_segmentation(rng, rendered, target=t, ref_mode="shortest")
         res = model.chat(rendered.image, s.question)
         pred = res.segments[0].mask if res.segments else np.zeros_like(s.target_masks[0])
-        alike.add(pred, s.target_masks[0])
+        alike.add_masks(pred, s.target_masks[0])
         twin.append(any(iou(pred, rendered.objects[k].mask) > 0.5 for k in twins))
     if "referring_alike" in sections:
         out["referring_alike"] = {"ciou": alike.ciou, "giou": alike.giou, "found_its_twin": float(np.mean(twin))}

@@ -28,10 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from omg_llava_ros.metrics import IouAccumulator
 from omg_llava_ros.model.omg_llava import OmgLlava
 from omg_llava_ros.toyworld.conversations import REFERRING_TEMPLATES
 from omg_llava_ros.toyworld.referring import enumerate_expressions
-from omg_llava_ros.training.evaluate import EVAL_SEED_OFFSET, FORMS, IoUAccumulator, _scene, iou
+from omg_llava_ros.training.evaluate import EVAL_SEED_OFFSET, FORMS, _scene, iou
 
 
 def _masks(logits: torch.Tensor, state: Any) -> np.ndarray:
@@ -57,7 +58,7 @@ def probe(model: OmgLlava, samples: int, seed: int, size: int = 256, renderer: s
     try:
         for form in FORMS:
             causes: Counter[str] = Counter()
-            acc = IoUAccumulator()
+            acc = IouAccumulator()
             done = 0
             while done < samples:
                 rendered = _scene(rng, size, renderer)
@@ -75,7 +76,7 @@ def probe(model: OmgLlava, samples: int, seed: int, size: int = 256, renderer: s
                 res = model.chat(rendered.image, template.format(ref=expression))
                 gt = rendered.objects[target].mask
                 pred = res.segments[0].mask if res.segments else np.zeros_like(gt)
-                acc.add(pred, gt)
+                acc.add_masks(pred, gt)
                 done += 1
                 if iou(pred, gt) >= 0.5:
                     continue
