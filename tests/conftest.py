@@ -5,6 +5,16 @@ import torch
 torch.set_num_threads(1)  # tiny models; 2 threads collapse when the machine is busy
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # Two intra-op threads on a busy 2-core machine run the tiny model ~50x slower (threads spin
+    # against each other): every module starts at one thread, whatever the one before it set.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     from omg_llava_ros import OmgLlava

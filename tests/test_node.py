@@ -12,9 +12,8 @@ from types import SimpleNamespace
 import cv2
 import numpy as np
 import pytest
-import torch
 import yaml
-from test_pipeline import ANSWER, CountingModel, force_answer
+from helpers import ANSWER, CountingModel, force_answer
 
 from omg_llava_ros.ros import messages as m
 from omg_llava_ros.ros.image_conversion import mono16_fields, rgb_to_image_fields
@@ -25,16 +24,6 @@ from omg_llava_ros.ros.transport import MemoryTransport, SegmentGoal
 H, W = 48, 64
 NS = "/robot1"
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Two intra-op threads on a busy 2-core machine run the tiny model ~50x slower (threads spin
-    # against each other); one thread is plenty for it. Restored for other test modules.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import threading
 
 import numpy as np
 import pytest
-import torch
+from helpers import ANSWER, CountingModel, force_answer
 
 from omg_llava_ros.pipeline import (
     CameraIntrinsics,
@@ -25,50 +25,6 @@ from omg_llava_ros.pipeline import (
 from omg_llava_ros.pipeline.pipeline import CONTROL_TOKENS
 
 H, W = 48, 64
-ANSWER = "<p> the red cup </p> [SEG] and <p> the plate </p> [SEG]."
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Two intra-op threads on a busy 2-core machine run the tiny model ~50x slower (threads spin
-    # against each other); one thread is plenty for it. Restored for other test modules.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def force_answer(tokenizer, answer: str):
-    """Logits processor that makes the random model generate exactly `answer`."""
-    target = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
-
-    def force(generated, logits):
-        out = torch.full_like(logits, -1e9)
-        out[target[min(len(generated), len(target) - 1)]] = 0
-        return out
-
-    return force
-
-
-class CountingModel:
-    """The real tiny model, counting chat (LLM) and follow (vision-only) calls."""
-
-    def __init__(self, model, fail_chat: bool = False, fail_follow: bool = False) -> None:
-        self.model, self.fail_chat, self.fail_follow = model, fail_chat, fail_follow
-        self.chats: list[str] = []
-        self.follows = 0
-
-    def chat(self, image, text, **kwargs):
-        self.chats.append(text)
-        if self.fail_chat:
-            raise RuntimeError("CUDA out of memory (simulated)")
-        return self.model.chat(image, text, **kwargs)
-
-    def follow(self, image, segments):
-        self.follows += 1
-        if self.fail_follow:
-            raise RuntimeError("engine lost (simulated)")
-        return self.model.follow(image, segments)
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from test_toyworld import AREA_RATIOS  # area / circumcircle area, closed form per shape
+from helpers import AREA_RATIOS  # area / circumcircle area, closed form per shape
 
 from omg_llava_ros.toyworld import render, sample_moving_scene, sample_scene
 from omg_llava_ros.toyworld.render_pil import pil_options, random_render_pil, render_pil

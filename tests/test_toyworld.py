@@ -14,6 +14,7 @@ from dataclasses import replace
 import cv2
 import numpy as np
 import pytest
+from helpers import AREA_RATIOS
 
 from omg_llava_ros.toyworld import (
     COLORS,
@@ -231,17 +232,6 @@ def test_antialiasing_changes_only_edge_pixels_and_never_masks():
         assert not np.any(changed & ~near_edge)
     with pytest.raises(ValueError):
         render(scene, antialias="blur")  # type: ignore[arg-type]
-
-
-# Closed-form area / (pi R^2): square 2R^2, triangle 3*sqrt(3)/4 R^2, star 5 r R sin 36deg with
-# r = 0.45 R, cross (arm width = span / 3, outer corners on the circumcircle) 2R^2.
-AREA_RATIOS = {
-    "circle": 1.0,
-    "square": 2 / math.pi,
-    "triangle": 3 * math.sqrt(3) / 4 / math.pi,
-    "star": 5 * 0.45 * math.sin(math.radians(36)) / math.pi,
-    "cross": 2 / math.pi,
-}
 
 
 @pytest.mark.parametrize("shape", SHAPES)
