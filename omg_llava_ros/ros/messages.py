@@ -197,7 +197,7 @@ def intrinsics_from_camera_info(msg: Any) -> CameraIntrinsics:
     try:
         k = np.asarray(msg.k, dtype=np.float64).reshape(-1)
         width, height = int(msg.width), int(msg.height)
-    except (AttributeError, TypeError, ValueError) as exc:
+    except (AttributeError, TypeError, ValueError, OverflowError) as exc:  # OverflowError: an infinite size
         raise MessageError(f"unusable camera_info: {exc}") from None
     try:
         return CameraIntrinsics.from_k(k, width, height)
