@@ -268,3 +268,43 @@ def test_the_package_never_unpickles_or_runs_remote_code():
         )
     )
     assert len(_unsafe_calls(ast.parse(bad))) == 4
+
+
+def _damaged_copies(tmp_path: Path):
+    """(what was done, model directory, the file the error must name) for each kind of damage."""
+    import json
+    import shutil
+
+    from omg_llava_ros.model.omg_llava import EMBEDDED_DIR
+
+    def copy(name: str) -> Path:
+        target = tmp_path / name
+        shutil.copytree(EMBEDDED_DIR, target)
+        return target
+
+    for rel in ("model.safetensors", "llm/model.safetensors"):
+        d = copy(f"truncated_{rel.replace('/', '_')}")
+        raw = (d / rel).read_bytes()
+        (d / rel).write_bytes(raw[: len(raw) // 2])
+        yield "truncated", d, d / rel.split("/")[0] if "/" in rel else d / rel
+        d = copy(f"garbage_{rel.replace('/', '_')}")
+        (d / rel).write_bytes(b"\x00" * 64)
+        yield "garbage", d, d / rel.split("/")[0] if "/" in rel else d / rel
+    d = copy("shapes")
+    config = json.loads((d / "config.json").read_text())
+    config["decoder"]["hidden_dim"] *= 2
+    (d / "config.json").write_text(json.dumps(config))
+    yield "wrong shapes", d, d / "model.safetensors"
+    d = copy("not_json")
+    (d / "config.json").write_text("{nope")
+    yield "not JSON", d, d / "config.json"
+
+
+def test_damaged_model_files_give_an_error_naming_the_file(tmp_path):
+    from omg_llava_ros import OmgLlava
+    from omg_llava_ros.model.omg_llava import ModelFileError
+
+    for what, directory, culprit in _damaged_copies(tmp_path):
+        with pytest.raises(ModelFileError) as info:
+            OmgLlava.from_pretrained(directory)
+        assert str(culprit) in str(info.value), (what, str(info.value))

@@ -8,11 +8,12 @@ and later turns reuse it; follow mode needs only the encoder and pixel decoder.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -219,6 +220,23 @@ class TorchVision(VisionBackend):
 
 
 # -- the model ----------------------------------------------------------------------------------
+class ModelFileError(ValueError):
+    """A file of a model directory cannot be used; the message names the file and why."""
+
+
+@contextlib.contextmanager
+def _reading(path: Path, problem: str) -> Iterator[None]:
+    """Re-raise anything that reading `path` raises as a ModelFileError naming the file."""
+    try:
+        yield
+    except (FileNotFoundError, ImportError):
+        raise
+    except Exception as exc:
+        detail = " ".join(str(exc).split())
+        detail = detail if len(detail) <= 400 else detail[:397] + "..."
+        raise ModelFileError(f"{path}: {problem}: {type(exc).__name__}: {detail}") from exc
+
+
 class OmgLlava(nn.Module):
     def __init__(self, config: OmgLlavaConfig, tokenizer=None, llm: nn.Module | None = None, device="cpu"):
         super().__init__()
@@ -296,25 +314,31 @@ class OmgLlava(nn.Module):
                     "build it with `omg-llava-ros train` or pass a model directory"
                 )
             raise FileNotFoundError(f"{directory} is not an OMG-LLaVA model directory (no {CONFIG_FILE})")
-        config = OmgLlavaConfig.load(directory / CONFIG_FILE)
+        with _reading(directory / CONFIG_FILE, "not a usable model config"):
+            config = OmgLlavaConfig.load(directory / CONFIG_FILE)
         if (directory / "llm" / "adapter_config.json").is_file():
             import importlib.util
 
             # transformers would silently load the base LLM without the adapter.
             if importlib.util.find_spec("peft") is None:
                 raise ImportError(f"{directory / 'llm'} holds a LoRA adapter; install peft to load it")
-        tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer", trust_remote_code=False)
+        with _reading(directory / "tokenizer", "not a usable tokenizer"):
+            tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer", trust_remote_code=False)
         dtype = llm_dtype or (torch.float32 if str(device) == "cpu" else torch.bfloat16)
-        llm = AutoModelForCausalLM.from_pretrained(
-            directory / "llm", trust_remote_code=False, dtype=dtype, device_map=None
-        ).to(device)
-        model = cls(config, tokenizer=tokenizer, llm=llm, device="meta")
+        with _reading(directory / "llm", "not a usable LLM (config.json + safetensors)"):
+            llm = AutoModelForCausalLM.from_pretrained(
+                directory / "llm", trust_remote_code=False, dtype=dtype, device_map=None
+            ).to(device)
+        with _reading(directory / CONFIG_FILE, "does not build a model with this LLM and tokenizer"):
+            model = cls(config, tokenizer=tokenizer, llm=llm, device="meta")
         # The vision side computes in float32 whatever the stored precision (save_pretrained's dtype).
-        state = {
-            k: v.float() if v.is_floating_point() else v
-            for k, v in load_file(directory / VISION_WEIGHTS, device=str(device)).items()
-        }
-        missing, unexpected = _load_vision_state(model, state)
+        with _reading(directory / VISION_WEIGHTS, "not a readable safetensors file (truncated or corrupt?)"):
+            state = {
+                k: v.float() if v.is_floating_point() else v
+                for k, v in load_file(directory / VISION_WEIGHTS, device=str(device)).items()
+            }
+        with _reading(directory / VISION_WEIGHTS, f"does not match {directory / CONFIG_FILE}"):
+            missing, unexpected = _load_vision_state(model, state)
         if missing or unexpected:
             raise ValueError(f"{directory / VISION_WEIGHTS}: missing keys {missing}, unexpected keys {unexpected}")
         model.eval().requires_grad_(False)
