@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from typing import Any
 
 import numpy as np
 
@@ -108,6 +109,21 @@ SECTIONS = (
 FORMS = (1, 2, 3, 4, 5, 6)  # toyworld.md's referring forms
 
 
+def form_sample(rng: np.random.Generator, form: int, size: int, renderer: str) -> tuple[Any, int, str]:
+    """(rendered scene, target, expression): scenes are drawn until one of its objects has an
+    expression of `form`; then a uniform such target and a uniform expression of it."""
+    while True:
+        rendered = _scene(rng, size, renderer)
+        named = {
+            t: [e.text for e in enumerate_expressions(rendered, t) if e.form == form]
+            for t in range(len(rendered.objects))
+        }
+        targets = [t for t, texts in named.items() if texts]
+        if targets:
+            target = targets[int(rng.integers(len(targets)))]
+            return rendered, target, named[target][int(rng.integers(len(named[target])))]
+
+
 def _referring_by_form(model: OmgLlava, rng: np.random.Generator, samples: int, size: int, renderer: str) -> dict:
     """See the module docstring (`referring_forms`)."""
     overall, text_exact = IouAccumulator(), []
@@ -135,20 +151,9 @@ def _referring_by_form(model: OmgLlava, rng: np.random.Generator, samples: int, 
         form = forms[int(rng.integers(len(forms)))]
         choices = [e.text for e in expressions if e.form == form]
         ask(rendered, target, choices[int(rng.integers(len(choices)))], None)
-    for form in FORMS:  # each form equally: scenes until one of its targets has an expression of it
-        done = 0
-        while done < samples:
-            rendered = _scene(rng, size, renderer)
-            named = {
-                t: [e.text for e in enumerate_expressions(rendered, t) if e.form == form]
-                for t in range(len(rendered.objects))
-            }
-            targets = [t for t, texts in named.items() if texts]
-            if not targets:
-                continue
-            target = targets[int(rng.integers(len(targets)))]
-            ask(rendered, target, named[target][int(rng.integers(len(named[target])))], by_form[form])
-            done += 1
+    for form in FORMS:  # each form equally
+        for _ in range(samples):
+            ask(*form_sample(rng, form, size, renderer), by_form[form])
 
     def figures(acc: IouAccumulator) -> dict:
         return {"ciou": acc.ciou, "giou": acc.giou, "n": acc.frames}

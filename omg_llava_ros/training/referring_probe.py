@@ -31,8 +31,7 @@ import torch
 from omg_llava_ros.metrics import IouAccumulator
 from omg_llava_ros.model.omg_llava import OmgLlava
 from omg_llava_ros.toyworld.conversations import REFERRING_TEMPLATES
-from omg_llava_ros.toyworld.referring import enumerate_expressions
-from omg_llava_ros.training.evaluate import EVAL_SEED_OFFSET, FORMS, _scene, iou
+from omg_llava_ros.training.evaluate import EVAL_SEED_OFFSET, FORMS, form_sample, iou
 
 
 def _masks(logits: torch.Tensor, state: Any) -> np.ndarray:
@@ -59,25 +58,14 @@ def probe(model: OmgLlava, samples: int, seed: int, size: int = 256, renderer: s
         for form in FORMS:
             causes: Counter[str] = Counter()
             acc = IouAccumulator()
-            done = 0
-            while done < samples:
-                rendered = _scene(rng, size, renderer)
-                named = {
-                    t: [e.text for e in enumerate_expressions(rendered, t) if e.form == form]
-                    for t in range(len(rendered.objects))
-                }
-                targets = [t for t, texts in named.items() if texts]
-                if not targets:
-                    continue
-                target = targets[int(rng.integers(len(targets)))]
-                expression = named[target][int(rng.integers(len(named[target])))]
+            for _ in range(samples):
+                rendered, target, expression = form_sample(rng, form, size, renderer)
                 template = REFERRING_TEMPLATES[int(rng.integers(len(REFERRING_TEMPLATES)))]
                 seen.clear()
                 res = model.chat(rendered.image, template.format(ref=expression))
                 gt = rendered.objects[target].mask
                 pred = res.segments[0].mask if res.segments else np.zeros_like(gt)
                 acc.add_masks(pred, gt)
-                done += 1
                 if iou(pred, gt) >= 0.5:
                     continue
                 if not res.segments or seen.get("pointed") is None:
