@@ -67,17 +67,22 @@ class Harness:
         assert self.transport.deliver("~/command", SimpleNamespace(data=text)) == 1
 
 
-@pytest.fixture
-def harness(tiny_model, msgs):
+def _counting_node(tiny_model, **params):
+    """(transport, counting model, node) on the in-process transport, the model forced to ANSWER."""
     transport = MemoryTransport(namespace=NS)
     model = CountingModel(tiny_model)
-    params = NodeParameters(backend="torch", stats_period_s=0.0, action_timeout_s=5.0, warm_up=False)
     node = OmgLlavaNode(
         transport,
-        params,
+        NodeParameters(backend="torch", stats_period_s=0.0, **params),
         model_loader=lambda p, log: model,
         logits_processor=force_answer(tiny_model.tokenizer, ANSWER),
     )
+    return transport, model, node
+
+
+@pytest.fixture
+def harness(tiny_model, msgs):
+    transport, model, node = _counting_node(tiny_model, action_timeout_s=5.0, warm_up=False)
     node.configure()
     node.activate()
     yield Harness(node, transport, model)
@@ -116,15 +121,7 @@ def test_lifecycle_creates_and_releases_io_and_logs_qos(tiny_model, caplog):
 
 
 def test_warm_up_at_configure_leaves_no_command_and_ids_keep_counting_across_cleanup(tiny_model, msgs):
-    transport = MemoryTransport(namespace=NS)
-    model = CountingModel(tiny_model)
-    params = NodeParameters(backend="torch", stats_period_s=0.0)
-    node = OmgLlavaNode(
-        transport,
-        params,
-        model_loader=lambda p, log: model,
-        logits_processor=force_answer(tiny_model.tokenizer, ANSWER),
-    )
+    transport, model, node = _counting_node(tiny_model)
     node.configure()
     assert len(model.chats) == 1 and model.follows == 1  # the warm-up, before any command
     assert node.pipeline.command is None and node.pipeline.stats.chat_calls == 0

@@ -6,19 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import force_answer
 
 from omg_llava_ros import OmgLlava, Prompt
-
-
-def _force(tokenizer, answer):
-    target = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
-
-    def force(generated, logits):
-        out = torch.full_like(logits, -1e9)
-        out[target[min(len(generated), len(target) - 1)]] = 0
-        return out
-
-    return force
 
 
 @pytest.fixture(params=[(120, 200), (200, 90)], ids=["wide", "tall"])
@@ -30,7 +20,7 @@ def image(request, rng):
 def test_chat_with_forced_seg_returns_masks_at_input_size(tiny_model, image):
     answer = "<p> the red circle </p> [SEG] and <p> the star </p> [SEG]."
     res = tiny_model.chat(
-        image, "Please segment the red circle.", logits_processor=_force(tiny_model.tokenizer, answer)
+        image, "Please segment the red circle.", logits_processor=force_answer(tiny_model.tokenizer, answer)
     )
     assert res.text == answer
     assert res.clean_text == "the red circle and the star."
@@ -86,7 +76,9 @@ def test_image_placeholder_expands_to_pixel_separator_object_tokens(tiny_model, 
 
 def test_conversation_continues_with_history(tiny_model, image):
     m = tiny_model
-    first = m.chat(image, "Please segment the star.", logits_processor=_force(m.tokenizer, "<p> the star </p> [SEG]."))
+    first = m.chat(
+        image, "Please segment the star.", logits_processor=force_answer(m.tokenizer, "<p> the star </p> [SEG].")
+    )
     second = m.chat(image, "What color is it?", history=first.history, max_new_tokens=4)
     assert len(second.history.turns) == 2
     ids = m.conversation_ids(second.history.turns[:1] + [second.history.turns[1].__class__("What color is it?")])
@@ -113,7 +105,7 @@ def test_image_work_runs_once_per_image(tiny_model, image):
 
 def test_follow_finds_the_segments_on_new_frames_of_any_size(tiny_model, image, rng):
     m = tiny_model
-    res = m.chat(image, "Segment it.", logits_processor=_force(m.tokenizer, "<p> it </p> [SEG]."))
+    res = m.chat(image, "Segment it.", logits_processor=force_answer(m.tokenizer, "<p> it </p> [SEG]."))
     other = rng.integers(0, 256, (150, 260, 3), dtype=np.uint8)
     followed = m.follow(other, res.segments)
     assert len(followed) == 1 and followed[0].phrase == "it"
@@ -160,7 +152,7 @@ def test_save_and_load_round_trip(tiny_model, image, tmp_path):
     m = tiny_model
     m.save_pretrained(tmp_path / "model")
     loaded = OmgLlava.from_pretrained(tmp_path / "model")
-    force = _force(m.tokenizer, "<p> the cross </p> [SEG].")
+    force = force_answer(m.tokenizer, "<p> the cross </p> [SEG].")
     a = m.chat(image, "Segment the cross.", logits_processor=force)
     b = loaded.chat(image, "Segment the cross.", logits_processor=force)
     assert a.text == b.text and np.array_equal(a.segments[0].mask, b.segments[0].mask)

@@ -12,6 +12,7 @@ DDS, conversion, the worker hand-off). Needs the ROS workspace sourced (see the 
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from omg_llava_ros.replay.metrics import latency_summary
 
 NAMESPACE = "/omg_llava_bench"
 NODE = f"{NAMESPACE}/omg_llava"
@@ -39,14 +42,8 @@ def _scenes(seed: int, commands: int, follow_frames: int) -> list[tuple[str, lis
     ]
 
 
-def _percentiles(values: list[float]) -> dict[str, float]:
-    arr = np.asarray(values, dtype=np.float64)
-    return {
-        "p50": float(np.percentile(arr, 50)),
-        "p95": float(np.percentile(arr, 95)),
-        "max": float(arr.max()),
-        "n": len(values),
-    }
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    return {**latency_summary(values), "n": len(values)}
 
 
 def _node_run(
@@ -128,11 +125,7 @@ def _in_process(scenes: list[tuple[str, list[np.ndarray]]], backend: str) -> dic
     from omg_llava_ros.ros.node import load_model
     from omg_llava_ros.ros.parameters import NodeParameters
 
-    class _Log:
-        def __getattr__(self, _name: str) -> Callable[..., None]:
-            return lambda *args, **kwargs: None
-
-    model = load_model(NodeParameters(backend=backend, device="cpu"), _Log())
+    model = load_model(NodeParameters(backend=backend, device="cpu"), logging.getLogger(__name__))
     pipeline = PerceptionPipeline(model)
     first = pipeline.warm_up()
     commands, follows = [], []
@@ -161,6 +154,8 @@ def bench_node(
     """Both node runs and the in-process pipeline on the same scenes; see the module docstring."""
     if commands < 2:
         raise ValueError("--repeats must be at least 2 (the first command is reported on its own)")
+    if follow_frames < 1:
+        raise ValueError("--follow-frames must be at least 1")
     os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     scenes = _scenes(seed, commands, follow_frames)

@@ -28,17 +28,11 @@ from rclpy.executors import SingleThreadedExecutor
 from rclpy.parameter import parameter_value_to_python
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 
+from omg_llava_ros.ros import messages as m
 from omg_llava_ros.ros.image_conversion import rgb_to_image_fields
+from omg_llava_ros.ros.node import OUTPUTS
 from omg_llava_ros.ros.rclpy_node import SEGMENT, message_class
 
-OUTPUT_TOPICS: dict[str, str] = {
-    "result": "omg_llava_ros_interfaces/msg/GroundedSegmentation",
-    "masks": "sensor_msgs/msg/Image",
-    "detections": "vision_msgs/msg/Detection2DArray",
-    "overlay": "sensor_msgs/msg/Image",
-    "target_points": "sensor_msgs/msg/PointCloud2",
-    "target_pose": "geometry_msgs/msg/PoseStamped",
-}
 _PEER_IDS = itertools.count()
 TRANSITIONS = {
     "configure": Transition.TRANSITION_CONFIGURE,
@@ -128,14 +122,12 @@ class NodePeer:
         best_effort = QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT)
         reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
         self.publishers = {
-            "image": self.node.create_publisher(message_class("sensor_msgs/msg/Image"), inputs["image"], best_effort),
-            "depth": self.node.create_publisher(message_class("sensor_msgs/msg/Image"), inputs["depth"], best_effort),
-            "camera_info": self.node.create_publisher(
-                message_class("sensor_msgs/msg/CameraInfo"), inputs["camera_info"], best_effort
-            ),
-            "command": self.node.create_publisher(message_class("std_msgs/msg/String"), inputs["command"], reliable),
+            "image": self.node.create_publisher(message_class(m.IMAGE), inputs["image"], best_effort),
+            "depth": self.node.create_publisher(message_class(m.IMAGE), inputs["depth"], best_effort),
+            "camera_info": self.node.create_publisher(message_class(m.CAMERA_INFO), inputs["camera_info"], best_effort),
+            "command": self.node.create_publisher(message_class(m.STRING), inputs["command"], reliable),
         }
-        for name, msgtype in OUTPUT_TOPICS.items():
+        for name, msgtype in OUTPUTS.items():
             if outputs is not None and name not in outputs:
                 continue
             self.node.create_subscription(
@@ -162,7 +154,7 @@ class NodePeer:
         return at
 
     def command(self, text: str) -> float:
-        msg = message_class("std_msgs/msg/String")()
+        msg = message_class(m.STRING)()
         msg.data = text
         return self.publish("command", msg)
 
