@@ -107,6 +107,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     logging.getLogger().setLevel(logging.INFO)
     steps = {f"stage{i}_steps": getattr(args, f"stage{i}_steps") for i in range(6)}
+    if args.recipe:
+        from omg_llava_ros.training.recipe import run_recipe
+
+        overridden = [k for k, v in steps.items() if v is not None] + (["--minutes"] if args.minutes else [])
+        if overridden:
+            raise SystemExit(f"train --recipe: the recipe sets the steps; drop {overridden}")
+        report = run_recipe(args.recipe, args.out, args.runs, args.init_from, args.export_dtype)
+        print(json.dumps(report))
+        return 0
+    if args.runs:
+        raise SystemExit("train --runs needs --recipe")
     cfg = TrainConfig(
         out_dir=args.out,
         seed=args.seed,
@@ -115,6 +126,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         perception_from=args.perception_from,
         bf16=args.bf16,
         budget_minutes=args.minutes,
+        init_from=args.init_from,
         **{k: v for k, v in steps.items() if v is not None},  # unset: TrainConfig's defaults
     )
     t0 = time.monotonic()
@@ -183,6 +195,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--no-prior", action="store_true", help="ablation: zero the perception-prior embedding")
     tr.add_argument("--perception-from", default=None, help="reuse a trained stage-0 checkpoint folder")
+    tr.add_argument(
+        "--recipe",
+        default=None,
+        help="a recipe file (TOML: the runs that build a model, e.g. omg_llava_ros/training/recipes/embedded.toml); "
+        "each run trains in OUT/NAME",
+    )
+    tr.add_argument("--runs", nargs="+", default=None, help="with --recipe: only these runs (in recipe order)")
+    tr.add_argument(
+        "--init-from",
+        default=None,
+        help='start from this model directory ("embedded": the shipped one) instead of from scratch; with '
+        "--recipe it replaces the first selected run's start",
+    )
     tr.add_argument(
         "--bf16",
         action=argparse.BooleanOptionalAction,

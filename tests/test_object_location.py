@@ -2,15 +2,19 @@
 theirs is, and a mask keeps the component at that place."""
 
 import numpy as np
+import pytest
 import torch
 
 from omg_llava_ros.model.config import get_config
 from omg_llava_ros.model.object_location import (
     DROPPED_LOGIT,
+    RELATION_FEATURES,
     ObjectLocation,
     keep_component_nearest,
+    mask_areas,
     mask_centroids,
     region_constraints,
+    relation_features,
 )
 from omg_llava_ros.model.omg_decoder import OmgDecoder
 
@@ -90,19 +94,53 @@ def test_the_location_loss_points_each_seg_at_the_object_token_of_its_target():
     model = SimpleNamespace(object_location=location)
     left, right = square_logits([(2, 2, 10, 10)]), square_logits([(20, 2, 28, 10)])
     centroids = torch.tensor([[0.19, 0.19], [0.75, 0.19]])
-    vb = SimpleNamespace(object_masks=[torch.stack([left, right])], prior=SimpleNamespace(object_centroids=[centroids]))
+    prior = SimpleNamespace(object_centroids=[centroids], object_areas=None)
+    vb = SimpleNamespace(object_masks=[torch.stack([left, right])], prior=prior)
     target = np.zeros((GRID * 4, GRID * 4), dtype=bool)
     target[8:40, 80:112] = True  # the right square at 4× the mask resolution
     nothing = np.zeros_like(target)  # matches no object token: no pointer loss
-    seq = SimpleNamespace(seg_positions=[3, 4], object_positions=[0, 1], target_masks=[target, nothing], image_index=0)
+    seq = SimpleNamespace(
+        seg_positions=[3, 4], object_positions=[0, 1], target_masks=[target, nothing], image_index=0, anchor_masks=[]
+    )
     hidden = torch.randn(1, 5, hidden_size, requires_grad=True)
-    loss = location_loss(model, vb, [seq], hidden)
+    loss, anchor = location_loss(model, vb, [seq], hidden)
     scores = location.point(hidden[0, [3]], hidden[0, [0, 1]], centroids)
     assert torch.allclose(loss, torch.nn.functional.cross_entropy(scores, torch.tensor([1])))
+    assert anchor == 0  # no relations, no anchor
     loss.backward()
     assert location.seg_query.weight.grad is not None and hidden.grad[0, 4].abs().sum() == 0
     # A model without the head has no location loss.
-    assert location_loss(SimpleNamespace(object_location=None), vb, [seq], hidden) == 0
+    assert location_loss(SimpleNamespace(object_location=None), vb, [seq], hidden) == (0, 0)
+
+
+def test_the_anchor_loss_points_a_relation_at_its_anchor_token():
+    from types import SimpleNamespace
+
+    from omg_llava_ros.training.trainer import location_loss
+
+    location = ObjectLocation(4, 8, relations=True)
+    left, right = square_logits([(2, 2, 10, 10)]), square_logits([(20, 2, 28, 10)])
+    masks = torch.stack([left, right])
+    centroids = mask_centroids(masks)
+    prior = SimpleNamespace(object_centroids=[centroids], object_areas=[mask_areas(masks, torch.ones(2, dtype=bool))])
+    vb = SimpleNamespace(object_masks=[masks], prior=prior)
+    big = lambda m: np.kron(m.numpy() >= 0, np.ones((4, 4), dtype=bool))  # noqa: E731 - 4x the mask grid
+    # "the square right of the left square": target right, anchor left; a second [SEG] names no anchor.
+    seq = SimpleNamespace(
+        seg_positions=[3, 4],
+        object_positions=[0, 1],
+        target_masks=[big(right), big(left)],
+        anchor_masks=[big(left), None],
+        image_index=0,
+    )
+    hidden = torch.randn(1, 5, 8, requires_grad=True)
+    loss, anchor = location_loss(SimpleNamespace(object_location=location), vb, [seq], hidden)
+    expected = torch.nn.functional.cross_entropy(
+        location.anchor_scores(hidden[0, [3]], hidden[0, [0, 1]]), torch.tensor([0])
+    )
+    assert torch.allclose(anchor, expected)
+    anchor.backward()
+    assert location.anchor_query.weight.grad.abs().sum() > 0 and hidden.grad[0, 4].abs().sum() == 0
 
 
 def test_region_constraints_let_a_query_attend_exactly_its_region_at_every_level():
@@ -116,3 +154,70 @@ def test_region_constraints_let_a_query_attend_exactly_its_region_at_every_level
     own = torch.full((1, 1, GRID, GRID), 5.0)
     blocked = attention_blocked(own, (16, 16), constraints, 1)
     assert torch.equal(~blocked[0, 0], constraints.allowed[1][0, 0])
+
+
+def _pointers(hidden: int = 16) -> tuple[ObjectLocation, ObjectLocation]:
+    """A pointer without relations and one with them, sharing every weight the first has."""
+    torch.manual_seed(0)
+    plain = ObjectLocation(8, hidden)
+    related = ObjectLocation(8, hidden, relations=True)
+    related.load_state_dict(plain.state_dict(), strict=False)
+    with torch.no_grad():
+        plain.direction.weight.normal_()  # a trained direction term, the same in both
+        related.direction.weight.copy_(plain.direction.weight)
+    return plain, related
+
+
+def test_relations_start_at_zero_so_a_converted_pointer_points_as_before():
+    plain, related = _pointers()
+    seg, objects = torch.randn(3, 16), torch.randn(5, 16)
+    centroids, areas = torch.rand(5, 2), torch.tensor([0.02, 0.05, 0.01, 0.0, 0.03])
+    assert torch.allclose(plain.point(seg, objects, centroids), related.point(seg, objects, centroids, areas))
+    with pytest.raises(ValueError, match="areas"):
+        related.point(seg, objects, centroids)
+
+
+def test_relation_features_read_sides_distance_anchor_and_area_extremes():
+    # Objects: 0 the anchor at the centre, 1 left of it, 2 right of it and farther, 3 below it, 4 stuff.
+    centroids = torch.tensor([[0.5, 0.5], [0.3, 0.5], [0.9, 0.5], [0.5, 0.8], [0.5, 0.5]])
+    areas = torch.tensor([0.02, 0.05, 0.01, 0.03, 0.0])  # 4 is stuff (the table): area 0, never an extreme
+    anchor = torch.tensor([[1.0, 0, 0, 0, 0]])
+    f = relation_features(anchor, centroids, areas)[0]  # (n, 6)
+    side_x, side_y, distance, is_anchor, largest, smallest = f.unbind(-1)
+    assert side_x[1] < -0.99 and side_x[2] > 0.99 and abs(side_x[3]) < 1e-6
+    assert side_y[3] > 0.99 and abs(side_y[1]) < 1e-6  # y points down: 3 is below
+    assert torch.allclose(distance[:4], torch.tensor([0.0, 2.0, 4.0, 3.0]), atol=1e-5)  # units of 0.1
+    assert torch.equal(is_anchor, anchor[0])
+    assert largest.argmax() == 1 and largest[1] == 1 and largest[4] == 0
+    assert smallest.argmax() == 2 and smallest[2] == 1 and smallest[4] == 0
+    assert len(RELATION_FEATURES) == f.shape[-1]
+
+
+def test_trained_relation_weights_pick_the_nearest_object_on_the_named_side():
+    # "the X left of the anchor": on the left side, nearest to the anchor, not the anchor itself.
+    _, related = _pointers()
+    centroids = torch.tensor([[0.5, 0.5], [0.35, 0.5], [0.1, 0.4], [0.6, 0.5]])  # anchor, near-left, far-left, right
+    areas = torch.full((4,), 0.02)
+    objects = torch.zeros(4, 16)
+    objects[0] = 10.0  # the anchor attention finds object 0 through these states
+    with torch.no_grad():
+        for layer in (related.object_key, related.direction, related.anchor_key, related.anchor_query):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        related.anchor_key.weight.copy_(torch.eye(16))
+        related.anchor_query.bias.fill_(1.0)
+        # Weights of side_x, side_y, distance, is_anchor, largest, smallest: left, near, not the anchor.
+        related.relation.bias.copy_(torch.tensor([-5.0, 0.0, -1.0, -20.0, 0.0, 0.0]))
+    seg = torch.randn(1, 16)
+    assert related.anchor_scores(seg, objects).softmax(-1)[0, 0] > 0.99
+    assert int(related.point(seg, objects, centroids, areas).argmax()) == 1
+    # The same weights with the "right of" sign pick the object right of the anchor.
+    with torch.no_grad():
+        related.relation.bias[0] = 5.0
+    assert int(related.point(seg, objects, centroids, areas).argmax()) == 3
+
+
+def test_mask_areas_are_grid_fractions_and_zero_for_stuff():
+    logits = torch.stack([square_logits([(0, 0, 8, 8)]), square_logits([(0, 0, 16, 16)])])
+    areas = mask_areas(logits, torch.tensor([True, False]))
+    assert torch.allclose(areas, torch.tensor([64 / GRID**2, 0.0]))

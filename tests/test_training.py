@@ -370,6 +370,39 @@ def test_positional_referring_names_its_target_uniquely_by_position():
     assert as_evaluated >= 5  # some are the expressions evaluation asks (no shorter name)
 
 
+def test_spatial_referring_draws_forms_4_to_6_evenly_and_names_the_anchor():
+    from collections import Counter
+
+    from omg_llava_ros.toyworld.referring import enumerate_expressions
+
+    rng = np.random.default_rng(5)
+    forms: Counter[int] = Counter()
+    for _ in range(150):
+        rendered = data.random_scene(rng, 64)
+        s = data.sample_training_conversation(rng, rendered, "referring_spatial")
+        (t,) = s.object_ids
+        assert s.task == "referring_segmentation" and np.array_equal(s.target_masks[0], rendered.objects[t].mask)
+        ref = s.answer.removeprefix("<p> ").removesuffix(" </p> [SEG].")
+        named = {e.text: e for e in enumerate_expressions(rendered, t)}
+        if not any(
+            e.form in data.SPATIAL_FORMS
+            for k in range(len(rendered.objects))
+            for e in enumerate_expressions(rendered, k)
+        ):
+            continue  # toyworld's own sampler: nothing spatial to ask here
+        e = named[ref]  # unique in the scene, and of a spatial form
+        forms[e.form] += 1
+        assert e.form in data.SPATIAL_FORMS and ref in s.question
+        (anchor,) = s.anchor_masks
+        if e.form == 5:  # the anchor's mask, by the expression's own anchor
+            assert np.array_equal(anchor, rendered.objects[e.anchor].mask)
+            assert ref.endswith(f"the {rendered.objects[e.anchor].color} {rendered.objects[e.anchor].shape}")
+        else:
+            assert anchor is None
+    # The form comes first: each spatial form gets a fair share, though form 5 has the most expressions.
+    assert set(forms) == set(data.SPATIAL_FORMS) and min(forms.values()) >= 0.2 * sum(forms.values())
+
+
 def test_conversation_batch_duplicate_share_sets_how_many_scenes_have_two_alike():
     def alike(batch):
         scenes = {id(c.rendered): c.rendered for c in batch}.values()
@@ -509,7 +542,7 @@ def test_stage2_step_trains_the_llm_side_on_packed_conversations(perception_setu
     try:
         mix = {"referring_segmentation": 1.0, "caption": 1.0}
         stats = trainer.stage2_step(model, np.random.default_rng(2), cfg, mix)
-        assert set(stats) == {"loss", "ce", "seg", "follow", "align", "location"}
+        assert set(stats) == {"loss", "ce", "seg", "follow", "align", "location", "anchor"}
         assert stats["align"] == 0 and stats["location"] >= 0
         assert all(np.isfinite(v) for v in stats.values()) and stats["ce"] > 0 and stats["seg"] > 0
         assert model.llm.get_input_embeddings().weight.grad is not None
@@ -566,6 +599,7 @@ def test_stage2_step_with_object_location_trains_the_location_gate(perception_se
         stats = trainer.stage2_step(model, np.random.default_rng(3), cfg, {"referring_segmentation": 1.0})
         assert stats["location"] >= 0 and np.isfinite(stats["loss"])
         assert np.isclose(stats["loss"], stats["ce"] + stats["seg"] + 0.5 * stats["follow"] + 2.0 * stats["location"])
+        assert stats["anchor"] == 0  # this head has no relations
         # The gate starts at zero yet gets a gradient (through the object tokens the answers read).
         assert model.object_location.gate.grad is not None and model.object_location.gate.grad.abs().sum() > 0
         assert all(p.grad is None for p in model.omg_decoder.parameters())
@@ -573,6 +607,26 @@ def test_stage2_step_with_object_location_trains_the_location_gate(perception_se
         model.object_location = built
         model.zero_grad(set_to_none=True)
         model.requires_grad_(False)
+
+
+def test_a_fine_tune_from_the_shipped_model_trains_the_relations_and_the_anchor(tmp_path):
+    # The recipe's start for v22: the shipped model, its pointer given relations (at zero).
+    cfg = trainer.TrainConfig(
+        out_dir=str(tmp_path), init_from="embedded", stage2_batch=8, conversations_per_scene=4, location_weight=1.5
+    )
+    model = trainer.build_model(cfg, tmp_path)
+    head = model.object_location
+    assert head.relations and head.relation.weight.abs().sum() == 0 and (tmp_path / "tokenizer").is_dir()
+    model.requires_grad_(False)
+    for p in trainer.llm_side_parameters(model, with_llm=True):
+        p.requires_grad_(True)
+    stats = trainer.stage2_step(model, np.random.default_rng(1), cfg, {"referring_spatial": 1.0})
+    expected = stats["ce"] + stats["seg"] + 0.5 * stats["follow"] + 1.5 * (stats["location"] + 0.5 * stats["anchor"])
+    assert np.isclose(stats["loss"], expected, rtol=1e-4)
+    assert head.relation.weight.grad is not None and head.relation.weight.grad.abs().sum() > 0
+    # Two scenes of four questions: a relation ("the star left of the red circle") among them.
+    assert stats["anchor"] > 0 and head.anchor_query.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.omg_decoder.parameters())
 
 
 def test_object_positions_are_where_the_object_tokens_sit():

@@ -169,6 +169,9 @@ class OmgLlavaConfig:
     # Object tokens carry where their object is, and `[SEG]` states say where theirs is
     # (`object_location`; ours): off in the official model.
     locate_objects: bool = False
+    # The `[SEG]` pointer also weighs relations to an anchor object and areas (`object_location`,
+    # "the star left of the red circle", "the largest object"; ours, v22): needs locate_objects.
+    point_relations: bool = False
     max_new_tokens: int = 256
     system_prompt: str = ""
 
@@ -330,6 +333,9 @@ def embedded() -> OmgLlavaConfig:
         mask_refiner_channels=16,
         # Of two objects alike, referring picked one by chance (v15: cIoU 0.38 between them).
         locate_objects=True,
+        # v21 pointed at the wrong object for most of "the star left of the red circle" and "the
+        # largest object" (cIoU 0.59-0.73 on forms 5 and 6).
+        point_relations=True,
     )
 
 

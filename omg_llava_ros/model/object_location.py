@@ -21,6 +21,16 @@ Out: each `[SEG]` state points at one of the image's object tokens (a bilinear s
      instead barely beat guessing the image centre after 400 steps (L1 0.17 against 0.20).
 Follow mode keeping the component nearest the previous frame's mask was tried on v15 (follow
 0.868 → 0.862 on 200 scenes): follow is left as it was.
+
+Relations (`OmgLlavaConfig.point_relations`, v22): the direction term picks extremes ("the leftmost
+star"), but nothing in the score could say "the star left of the red circle" (nearest to another
+object, on one side of it) or "the largest object": v21 pointed at the wrong token for 26 of 27
+failures of form 6 and 17 of 23 of form 5 (`training.referring_probe`). So the `[SEG]` state also
+finds an anchor (attention over the object tokens, trained towards the named anchor) and weighs six
+geometric features of each object: its side of the anchor along x and y (a steep tanh, as "left of"
+is strict), its distance to the anchor, how much it is the anchor itself, and how near its area is
+to the largest and to the smallest thing's. All six weights start at zero: a model converted from
+v21 points exactly as v21 did until trained.
 """
 
 from __future__ import annotations
@@ -36,13 +46,20 @@ from omg_llava_ros.model.prompt_encoder import mask_allowed, point_query_positio
 # What a dropped component's logits become: well below zero, and below the refiner's floor so it
 # leaves them alone.
 DROPPED_LOGIT = -10.0
+# Scales of the relation features, as fractions of the model input's side (centroids in [0, 1]):
+# a 0.03 offset is nearly a full "side" vote, 0.1 of distance one unit; areas within 10% of the
+# largest (smallest) score about 1/e or more.
+SIDE_SCALE = 0.03
+DISTANCE_SCALE = 0.1
+AREA_SCALE = 0.1
+RELATION_FEATURES = ("side_x", "side_y", "distance", "is_anchor", "largest", "smallest")
 
 
 class ObjectLocation(nn.Module):
     """gate: (C,) on the decoder's position encoding. point: `[SEG]` states (N, H), object-token
     states (n, H) of the same LLM pass and the objects' centroids (n, 2) → (N, n) scores."""
 
-    def __init__(self, query_dim: int, hidden_size: int, gate_init: float = 0.0):
+    def __init__(self, query_dim: int, hidden_size: int, gate_init: float = 0.0, relations: bool = False):
         super().__init__()
         self.gate = nn.Parameter(torch.full((query_dim,), gate_init))
         self.seg_query = nn.Linear(hidden_size, hidden_size)
@@ -52,6 +69,13 @@ class ObjectLocation(nn.Module):
         self.direction = nn.Linear(hidden_size, 2)
         nn.init.zeros_(self.direction.weight)
         nn.init.zeros_(self.direction.bias)
+        self.relations = relations
+        if relations:
+            self.anchor_query = nn.Linear(hidden_size, hidden_size)
+            self.anchor_key = nn.Linear(hidden_size, hidden_size)
+            self.relation = nn.Linear(hidden_size, len(RELATION_FEATURES))
+            nn.init.zeros_(self.relation.weight)
+            nn.init.zeros_(self.relation.bias)
 
     def encode(self, centroids: torch.Tensor, pos_linear: nn.Linear, half: float) -> torch.Tensor:
         """(n, 2) centroids in [0, 1] → (n, C) gated location terms: the point-prompt encoding with
@@ -60,13 +84,55 @@ class ObjectLocation(nn.Module):
         encoding = pos_linear(coordinate_to_encoding(coords, pos_linear.out_features // 2))
         return self.gate * encoding
 
-    def point(self, seg_hidden: torch.Tensor, object_hidden: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    def point(
+        self,
+        seg_hidden: torch.Tensor,
+        object_hidden: torch.Tensor,
+        centroids: torch.Tensor,
+        areas: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """(N, n) scores: what the `[SEG]` state asks of each object token's state, plus a direction it
-        reads from its phrase ("the topmost square") against each object's centroid (n, 2) in [0, 1]."""
+        reads from its phrase ("the topmost square") against each object's centroid (n, 2) in [0, 1];
+        with relations also the weighted `relation_features` (`areas`: (n,) mask areas as fractions
+        of the grid, 0 for stuff)."""
         seg = seg_hidden.to(self.gate.dtype)
         k = self.object_key(object_hidden.to(self.gate.dtype))
         content = self.seg_query(seg) @ k.T / k.shape[-1] ** 0.5
-        return content + self.direction(seg) @ (2 * centroids.to(seg.dtype) - 1).T
+        scores = content + self.direction(seg) @ (2 * centroids.to(seg.dtype) - 1).T
+        if not self.relations:
+            return scores
+        if areas is None:
+            raise ValueError("a pointer with relations needs the objects' areas")
+        features = relation_features(self.anchor_scores(seg, object_hidden).softmax(-1), centroids, areas)
+        return scores + (self.relation(seg)[:, None, :] * features).sum(-1)
+
+    def anchor_scores(self, seg_hidden: torch.Tensor, object_hidden: torch.Tensor) -> torch.Tensor:
+        """(N, n) logits of which object token each `[SEG]` phrase's anchor is ("the star left of *the
+        red circle*"); trained towards the named anchor, meaningless for other forms."""
+        k = self.anchor_key(object_hidden.to(self.gate.dtype))
+        return self.anchor_query(seg_hidden.to(self.gate.dtype)) @ k.T / k.shape[-1] ** 0.5
+
+
+def relation_features(anchor: torch.Tensor, centroids: torch.Tensor, areas: torch.Tensor) -> torch.Tensor:
+    """(N, n) anchor weights (rows sum to 1), (n, 2) centroids in [0, 1], (n,) areas (0: stuff) →
+    (N, n, 6) features in `RELATION_FEATURES` order: side of the (soft) anchor along x and y
+    (tanh, > 0 right of / below it), distance to it, the anchor weight itself, and the nearness of
+    the object's log area to the largest and to the smallest thing's (1 for that thing, 0 for
+    stuff)."""
+    c = centroids.to(anchor.dtype)
+    delta = c[None] - (anchor @ c)[:, None]  # (N, n, 2) offsets from the anchor
+    side = torch.tanh(delta / SIDE_SCALE)
+    distance = delta.norm(dim=-1, keepdim=True) / DISTANCE_SCALE
+    thing = areas > 0
+    log_area = torch.log(areas.to(anchor.dtype).clamp(min=1e-6))
+    if thing.any():
+        largest = torch.exp((log_area - log_area[thing].max()).clamp(max=0) / AREA_SCALE)
+        smallest = torch.exp((log_area[thing].min() - log_area).clamp(max=0) / AREA_SCALE)
+    else:
+        largest = smallest = torch.zeros_like(log_area)
+    size = torch.stack([largest, smallest], dim=-1) * thing[:, None]
+    size = size[None].expand(len(anchor), -1, -1)
+    return torch.cat([side, distance, anchor[..., None], size], dim=-1)
 
 
 def mask_centroids(mask_logits: torch.Tensor) -> torch.Tensor:
@@ -81,6 +147,13 @@ def mask_centroids(mask_logits: torch.Tensor) -> torch.Tensor:
     cy = (masks.sum(2) * ys).sum(1) / area.clamp(min=1)
     out = torch.stack([cx, cy], dim=-1)
     return torch.where(area[:, None] > 0, out, torch.full_like(out, 0.5))
+
+
+def mask_areas(mask_logits: torch.Tensor, things: torch.Tensor) -> torch.Tensor:
+    """(n, h, w) logits, (n,) bool thing flags → (n,) fraction of the grid each mask covers (sigmoid
+    ≥ 0.5); 0 for stuff, which is never "the largest object"."""
+    area = (mask_logits >= 0).flatten(1).float().mean(1)
+    return torch.where(things.to(area.device), area, torch.zeros_like(area))
 
 
 def keep_component_nearest(logits: torch.Tensor, points: torch.Tensor) -> torch.Tensor:

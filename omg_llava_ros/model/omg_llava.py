@@ -44,6 +44,7 @@ from omg_llava_ros.model.mask_refiner import MaskRefiner
 from omg_llava_ros.model.object_location import (
     ObjectLocation,
     keep_component_nearest,
+    mask_areas,
     mask_centroids,
     region_constraints,
 )
@@ -252,7 +253,11 @@ class OmgLlava(nn.Module):
             with torch.random.fork_rng(devices=[]):
                 self.mask_refiner = MaskRefiner(channels) if channels else None
                 self.object_location = (
-                    ObjectLocation(config.query_token_dim // 2, config.language_model.hidden_size)
+                    ObjectLocation(
+                        config.query_token_dim // 2,
+                        config.language_model.hidden_size,
+                        relations=config.point_relations,
+                    )
                     if config.locate_objects
                     else None
                 )
@@ -407,6 +412,14 @@ class OmgLlava(nn.Module):
         )
         if self.object_location is not None:
             prior.object_centroids = [mask_centroids(masks.float()) for masks in prior.object_masks]
+        if self.object_location is not None and self.object_location.relations:
+            things = [
+                out.class_logits[b, index, :-1].argmax(-1) < cfg.decoder.num_thing_classes
+                for b, index in enumerate(prior.object_indices)
+            ]
+            prior.object_areas = [
+                mask_areas(masks.float(), thing) for masks, thing in zip(prior.object_masks, things, strict=True)
+            ]
         return prior
 
     def object_queries(self, prior: PerceptionPrior, b: int) -> torch.Tensor:
@@ -554,7 +567,8 @@ class OmgLlava(nn.Module):
         # The object tokens are the last of the visual tokens that replace the image placeholder.
         end = ids.index(IMAGE_PLACEHOLDER) + len(state.visual_tokens)
         objects = gen.prompt_hidden[end - len(centroids) : end]
-        pointed = self.object_location.point(gen.seg_hidden, objects, centroids).argmax(-1)
+        areas = state.prior.object_areas[0] if state.prior.object_areas is not None else None
+        pointed = self.object_location.point(gen.seg_hidden, objects, centroids, areas).argmax(-1)
         return centroids[pointed], state.prior.object_masks[0][pointed]
 
     def _decode_segs(

@@ -32,7 +32,8 @@ class PerceptionPrior:
     selection; left to right, then stuff, for "merged"); prob: (B, Q, h, w) P on the token grid;
     object_masks: list of (n_b, h, w) mask logits of each object token (its query's, or one piece of
     them with "split"); object_centroids: list of (n_b, 2) mask centroids in [0, 1], where the
-    model locates objects."""
+    model locates objects; object_areas: list of (n_b,) mask areas as fractions of the grid, 0 for
+    stuff, where the pointer weighs relations."""
 
     pixel_prior: torch.Tensor
     object_tokens: list[torch.Tensor]
@@ -40,6 +41,7 @@ class PerceptionPrior:
     prob: torch.Tensor
     object_masks: list[torch.Tensor]
     object_centroids: list[torch.Tensor] | None = None
+    object_areas: list[torch.Tensor] | None = None
 
 
 # What the logits of a mask outside its piece become ("split"): well below zero.

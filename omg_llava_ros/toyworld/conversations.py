@@ -63,6 +63,8 @@ class Sample:
     `target_masks` holds one mask per [SEG] of the answer, in order. `prompts` are the visual prompts
     given with the question, one per `<region>`. `object_ids` are the objects the answer is about
     (the [SEG] objects in order; else the referred / prompted / counted / described objects).
+    `anchor_masks` (training only, may be empty): per [SEG], the mask of the object a form-5
+    expression is relative to ("the star left of *the red circle*"), or None.
     """
 
     task: str
@@ -71,6 +73,7 @@ class Sample:
     target_masks: list[np.ndarray] = field(default_factory=list)
     prompts: list[VisualPrompt] = field(default_factory=list)
     object_ids: list[int] = field(default_factory=list)
+    anchor_masks: list[np.ndarray | None] = field(default_factory=list)
 
 
 def plural(shape: str) -> str:

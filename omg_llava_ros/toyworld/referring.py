@@ -44,6 +44,7 @@ class ObjectFacts(Protocol):
 class Expression:
     text: str
     form: int  # 1..6 as numbered in toyworld.md
+    anchor: int | None = None  # form 5: the index of the object the relation is taken from
 
     @property
     def num_words(self) -> int:
@@ -121,7 +122,7 @@ def enumerate_expressions(scene_gt: RenderedScene | Sequence[ObjectFacts], targe
             continue
         for relation in RELATIONS:
             if _relation_target(objs, t.shape, relation, a) == target:
-                out.append(Expression(f"the {t.shape} {relation} the {anchor.color} {anchor.shape}", 5))
+                out.append(Expression(f"the {t.shape} {relation} the {anchor.color} {anchor.shape}", 5, a))
     # Form 6: area superlatives.
     areas = [float(o.area) for o in objs]
     if _unique_argmin([-v for v in areas]) == target:

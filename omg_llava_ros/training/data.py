@@ -220,16 +220,48 @@ def sample_positional_referring(rng: np.random.Generator, rendered: RenderedScen
     return Sample("referring_segmentation", question, answer, [rendered.objects[t].mask], [], [t])
 
 
+# The forms named by where objects are or how large (toyworld.md 4-6): "the leftmost star", "the
+# star left of the red circle", "the largest object". v21 met referring overall on the shortest
+# expressions but scored 0.59-0.73 cIoU on forms 5 and 6 (2026-12-02), nearly all by pointing at
+# the wrong object token (`training.referring_probe`).
+SPATIAL_FORMS = (4, 5, 6)
+
+
+def sample_referring_of_forms(
+    rng: np.random.Generator, rendered: RenderedScene, forms: tuple[int, ...] = SPATIAL_FORMS
+) -> Sample:
+    """A referring-segmentation sample whose expression has one of `forms`: the form drawn uniformly
+    among those the scene has for some object, then a target and expression of it uniformly; a form-5
+    expression carries its anchor's mask (`Sample.anchor_masks`). Falls back to toyworld's sampler
+    when no object has such an expression."""
+    named = [
+        (t, e) for t in range(len(rendered.objects)) for e in enumerate_expressions(rendered, t) if e.form in forms
+    ]
+    if not named:
+        return sample_conversation(rng, rendered, "referring_segmentation", ref_mode="any")
+    present = sorted({e.form for _, e in named})
+    form = present[int(rng.integers(len(present)))]
+    pool = [(t, e) for t, e in named if e.form == form]
+    t, e = pool[int(rng.integers(len(pool)))]
+    question = REFERRING_TEMPLATES[int(rng.integers(len(REFERRING_TEMPLATES)))].format(ref=e.text)
+    answer = f"<p> {e.text} </p> {SEG_TOKEN}."
+    anchor = rendered.objects[e.anchor].mask if e.anchor is not None else None
+    return Sample("referring_segmentation", question, answer, [rendered.objects[t].mask], [], [t], [anchor])
+
+
 def sample_training_conversation(
     rng: np.random.Generator, rendered: RenderedScene, task: str, negatives: ExistenceNegatives = ExistenceNegatives()
 ) -> Sample:
     """toyworld's sampler, with hard negatives for existence; the answers keep the world's contract,
     only the question distribution changes. The training-only task "referring_position" asks
-    referring segmentation with positional expressions (`sample_positional_referring`)."""
+    referring segmentation with positional expressions (`sample_positional_referring`),
+    "referring_spatial" with an expression of form 4, 5 or 6 (`sample_referring_of_forms`)."""
     if task == "existence":
         return sample_training_existence(rng, rendered, negatives)
     if task == "referring_position":
         return sample_positional_referring(rng, rendered)
+    if task == "referring_spatial":
+        return sample_referring_of_forms(rng, rendered)
     return sample_conversation(rng, rendered, task, ref_mode="any" if rng.random() < 0.5 else "shortest")
 
 

@@ -126,6 +126,10 @@ class TrainConfig:
     # Weight of the `[SEG]` location loss (models with `locate_objects`; `object_location`).
     location_weight: float = 0.5
     location_gate_init: float = 0.2
+    # The pointer's relations and anchor (`OmgLlavaConfig.point_relations`, v22) and the weight of
+    # the anchor's cross-entropy beside the pointer's (both times `location_weight`).
+    point_relations: bool = True
+    anchor_weight: float = 0.5
     # Tried in stage 4, off in the recipe (weight 0): an auxiliary loss on the object tokens,
     # `align_layer` decoder layers into the LLM, classifying them by shape and colour
     # (`object_alignment_loss`), against the input embeddings of the shape and colour words
@@ -164,6 +168,9 @@ class TrainConfig:
     # so its learning-rate schedule) to what fits; stages with no share are skipped.
     budget_minutes: float | None = None
     perception_from: str | None = None  # reuse a trained stage-0 checkpoint (for the ablation)
+    # Start from a trained model directory ("embedded": the shipped one) instead of from scratch,
+    # for fine-tuning stages (`training.recipe`).
+    init_from: str | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -300,8 +307,13 @@ def load_weights(model: OmgLlava, path: Path, strict: bool = True) -> None:
 
 # -- model construction ----------------------------------------------------------------------------
 def build_model(cfg: TrainConfig, out: Path) -> OmgLlava:
-    """The embedded config with a tokenizer trained on the world's questions and answers."""
+    """The embedded config with a tokenizer trained on the world's questions and answers, or with
+    `init_from` that model directory's weights, tokenizer and config (its pointer given relations
+    when `point_relations`, their weights at zero)."""
     from transformers import AutoTokenizer
+
+    if cfg.init_from:
+        return initialised_model(cfg, out)
 
     tok_dir = out / "tokenizer"
     if tok_dir.is_dir():
@@ -314,6 +326,7 @@ def build_model(cfg: TrainConfig, out: Path) -> OmgLlava:
         tokenizer.save_pretrained(tok_dir)
     config: OmgLlavaConfig = get_config("embedded")
     config.perception_prior = cfg.perception_prior
+    config.point_relations = cfg.point_relations and config.locate_objects
     config.language_model.vocab_size = rows
     torch.manual_seed(cfg.seed)
     model = OmgLlava(config, tokenizer=tokenizer)
@@ -322,6 +335,26 @@ def build_model(cfg: TrainConfig, out: Path) -> OmgLlava:
         # From zero the gate hardly moves (`object_location`): start it where v17's did.
         with torch.no_grad():
             model.object_location.gate.fill_(cfg.location_gate_init)
+    return model
+
+
+def initialised_model(cfg: TrainConfig, out: Path) -> OmgLlava:
+    """A fine-tuning start: the model in `cfg.init_from` ("embedded": the shipped one), its tokenizer
+    copied to the run folder; parts its config gains here (the pointer's relations) start as their
+    constructors make them, with the config's seed."""
+    base = OmgLlava.from_pretrained(None if cfg.init_from == "embedded" else cfg.init_from)
+    config = base.config
+    config.point_relations = cfg.point_relations and config.locate_objects
+    torch.manual_seed(cfg.seed)
+    model = OmgLlava(config, tokenizer=base.tokenizer, llm=base.llm)
+    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+    new = {k for k in missing if k.startswith(("object_location.anchor_", "object_location.relation."))}
+    if unexpected or set(missing) - new:
+        raise ValueError(
+            f"{cfg.init_from}: does not fit the model: missing {sorted(set(missing) - new)}, unexpected {unexpected}"
+        )
+    if not (out / "tokenizer").is_dir():
+        base.tokenizer.save_pretrained(out / "tokenizer")
     return model
 
 
@@ -517,6 +550,7 @@ class Sequence_:
     image_index: int
     target_masks: list[np.ndarray]
     object_positions: list[int] = field(default_factory=list)  # where the object tokens sit in the row
+    anchor_masks: list[np.ndarray | None] = field(default_factory=list)  # per [SEG]: a form-5 anchor's mask
 
 
 def build_sequence(model: OmgLlava, vb: VisualBatch, i: int, samples) -> Sequence_:
@@ -553,6 +587,7 @@ def build_sequence(model: OmgLlava, vb: VisualBatch, i: int, samples) -> Sequenc
     seg_positions: list[int] = []
     seg_answer: list[int] = []
     masks: list[np.ndarray] = []
+    anchors: list[np.ndarray | None] = []
     start = n_prefix  # where this turn starts in the expanded row
     for k, ((body, n_answer), sample) in enumerate(zip(turns, samples, strict=True)):
         end = start + len(body)
@@ -568,11 +603,14 @@ def build_sequence(model: OmgLlava, vb: VisualBatch, i: int, samples) -> Sequenc
             seg_positions += segs
             seg_answer += [k] * len(segs)
             masks += list(sample.target_masks)
+            anchors += list(sample.anchor_masks) or [None] * len(segs)
         start = end
     n_objects = len(vb.prior.object_tokens[i])
     first_object = prefix.index(IMAGE_PLACEHOLDER) + shift + 1 - n_objects  # the image's last n tokens
     objects = list(range(first_object, first_object + n_objects))
-    return Sequence_(embeds, labels, answer_index, segments, positions, seg_positions, seg_answer, i, masks, objects)
+    return Sequence_(
+        embeds, labels, answer_index, segments, positions, seg_positions, seg_answer, i, masks, objects, anchors
+    )
 
 
 def run_llm(model: OmgLlava, seqs: list[Sequence_], layer: int | None = None):
@@ -665,27 +703,47 @@ def pairwise_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return inter / union.clamp(min=1)
 
 
-def location_loss(model: OmgLlava, vb: VisualBatch, seqs: list[Sequence_], hidden: torch.Tensor) -> torch.Tensor:
+def _best_tokens(masks: torch.Tensor, wanted: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, h, w) bool token masks, m ground-truth masks → (m,) the token overlapping each most and
+    (m,) whether that overlap is IoU ≥ 0.5."""
+    targets = resize_masks(np.stack(wanted), tuple(masks.shape[-2:])) > 0.5
+    best_iou, best = pairwise_iou(targets, masks).max(-1)
+    return best, best_iou >= 0.5
+
+
+def location_loss(
+    model: OmgLlava, vb: VisualBatch, seqs: list[Sequence_], hidden: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of each `[SEG]` state's pointer over its image's object tokens (`object_location`),
-    towards the token whose mask overlaps the target most (IoU ≥ 0.5; other `[SEG]`s are skipped);
-    zero for a model without the head or a batch without such a `[SEG]`."""
-    if model.object_location is None:
-        return hidden.new_zeros((), dtype=torch.float32)
-    total, count = hidden.new_zeros((), dtype=torch.float32), 0
+    towards the token whose mask overlaps the target most (IoU ≥ 0.5; other `[SEG]`s are skipped),
+    and, with relations, of its anchor attention towards a form-5 expression's anchor token; zeros
+    for a model without the head or a batch without such a `[SEG]`."""
+    zero = hidden.new_zeros((), dtype=torch.float32)
+    head = model.object_location
+    if head is None:
+        return zero, zero
+    total, count, anchor_total, anchor_count = zero, 0, zero, 0
     for b, s in enumerate(seqs):
         masks = vb.object_masks[s.image_index] >= 0  # (n, h, w) the object tokens' masks
         if not s.seg_positions or len(masks) == 0:
             continue
-        targets = resize_masks(np.stack(s.target_masks), tuple(masks.shape[-2:])) > 0.5
-        best_iou, best = pairwise_iou(targets, masks).max(-1)
-        keep = best_iou >= 0.5
+        best, keep = _best_tokens(masks, s.target_masks)
         if not keep.any():
             continue
         centroids = vb.prior.object_centroids[s.image_index]
-        scores = model.object_location.point(hidden[b, s.seg_positions], hidden[b, s.object_positions], centroids)
+        areas = vb.prior.object_areas[s.image_index] if vb.prior.object_areas is not None else None
+        seg, objects = hidden[b, s.seg_positions], hidden[b, s.object_positions]
+        scores = head.point(seg, objects, centroids, areas)
         total = total + F.cross_entropy(scores.float()[keep], best[keep], reduction="sum")
         count += int(keep.sum())
-    return total / max(count, 1)
+        named = [i for i, m in enumerate(s.anchor_masks) if m is not None]
+        if head.relations and named:
+            anchor, found = _best_tokens(masks, [s.anchor_masks[i] for i in named])
+            if found.any():
+                logits = head.anchor_scores(seg[named], objects).float()[found]
+                anchor_total = anchor_total + F.cross_entropy(logits, anchor[found], reduction="sum")
+                anchor_count += int(found.sum())
+    return total / max(count, 1), anchor_total / max(anchor_count, 1)
 
 
 @torch.no_grad()
@@ -866,7 +924,7 @@ def stage2_step(
         logits = model.llm.get_output_embeddings()(hidden).float()
         ce = answer_loss(logits, labels, cfg.text_loss, groups)
         loss_seg, _ = seg_loss(model, vb.memory, seqs, hidden)
-        loss_location = location_loss(model, vb, seqs, hidden)
+        loss_location, loss_anchor = location_loss(model, vb, seqs, hidden)
         loss_align = hidden.new_zeros((), dtype=torch.float32)
         if align_weight > 0:
             loss_align = object_alignment_loss(model, vb, seqs, chunks, batch, early, attributes)
@@ -887,9 +945,17 @@ def stage2_step(
             fimages.append(moved.image)
         if fseqs:
             loss_follow, _ = seg_loss(model, encode_batch(model, fimages), fseqs, hidden[torch.tensor(frows)])
-        loss = ce + loss_seg + 0.5 * loss_follow + align_weight * loss_align + cfg.location_weight * loss_location
+        loss = (
+            ce
+            + loss_seg
+            + 0.5 * loss_follow
+            + align_weight * loss_align
+            + cfg.location_weight * (loss_location + cfg.anchor_weight * loss_anchor)
+        )
     loss.backward()
-    return scalars(loss=loss, ce=ce, seg=loss_seg, follow=loss_follow, align=loss_align, location=loss_location)
+    return scalars(
+        loss=loss, ce=ce, seg=loss_seg, follow=loss_follow, align=loss_align, location=loss_location, anchor=loss_anchor
+    )
 
 
 # -- stage 5: the mask refiner ---------------------------------------------------------------------
