@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from omg_llava_ros.loading import add_model_argument
+
 log = logging.getLogger("omg_llava_ros")
 
 
@@ -32,16 +34,10 @@ def load_image(spec: str) -> np.ndarray:
 
 
 def load_model(spec: str | None):
-    from omg_llava_ros import OmgLlava
-    from omg_llava_ros.model.config import PRESETS
+    """The model a `--model` spec names (`omg_llava_ros.loading`); exits with the reason if absent."""
+    from omg_llava_ros.loading import cli_model
 
-    if spec in PRESETS:
-        log.warning("using the random-weight %r config: answers and masks are meaningless", spec)
-        return OmgLlava.from_config(spec)
-    try:
-        return OmgLlava.from_pretrained(spec)
-    except FileNotFoundError as err:
-        raise SystemExit(f"error: {err}") from None
+    return cli_model(spec)
 
 
 def overlay(image: np.ndarray, masks: list[np.ndarray]) -> np.ndarray:
@@ -163,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = ask.add_mutually_exclusive_group()
     group.add_argument("--box", nargs=4, type=float, metavar=("X0", "Y0", "X1", "Y1"))
     group.add_argument("--point", nargs=2, type=float, metavar=("X", "Y"))
-    ask.add_argument("--model", default=None, help="model directory, or a preset name (tiny) for random weights")
+    add_model_argument(ask)
     ask.add_argument("--out", default=None, help="write overlay.png, masks and result.json here")
     ask.add_argument("--json", action="store_true", help="print one JSON object")
     ask.set_defaults(func=cmd_ask)
@@ -217,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a model on fresh tabletop scenes (JSON metrics)")
-    ev.add_argument("--model", default=None, help="model directory (default: the embedded model)")
+    add_model_argument(ev)
     ev.add_argument("--samples", type=int, default=200, help="samples per task")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--size", type=int, default=256, help="canvas size the scenes are drawn at (pixels)")

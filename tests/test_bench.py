@@ -83,7 +83,7 @@ def test_training_bench_times_both_prompt_layouts(capsys):
     ratio = report["stage0_step_s"]["separate"] / report["stage0_step_s"]["joint"]
     assert report["joint_speedup"] == pytest.approx(ratio)
     assert "stage-0 training step (embedded" in out
-    for other in (["--config", "tiny"], ["--model", "embedded-default"], ["--device", "cuda"]):
+    for other in (["--config", "tiny"], ["--model", "some/model"], ["--device", "cuda"]):
         with pytest.raises(SystemExit, match="embedded config"):
             main(["bench", "--training", *other])
 

@@ -12,10 +12,11 @@ import logging
 import sys
 from typing import Any
 
+from omg_llava_ros.loading import add_model_argument
+
 log = logging.getLogger(__name__)
 
 BACKEND_CHOICES = ("torch", "onnxruntime", "tensorrt", "auto")
-EMBEDDED_DEFAULT = "embedded-default"
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -27,12 +28,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         "runs the official-size GPU benchmark with random weights.",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    p.add_argument(
-        "--model",
-        default=None,
-        help=f"model directory, {EMBEDDED_DEFAULT} (the packaged model, the default) or a preset name (random weights)",
-    )
-    p.add_argument("--config", default=None, help="a preset with random weights: tiny, embedded, official-7b (GPU)")
+    add_model_argument(p)
+    p.add_argument("--config", default=None, help="the same as --model config:NAME (official-7b: the GPU benchmark)")
     p.add_argument("--backend", choices=BACKEND_CHOICES, default="torch", help="vision backend (default: torch)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch and ONNX Runtime (default: all)")
@@ -72,27 +69,26 @@ def parse_frame(text: str) -> tuple[int, int]:
 
 
 def load_bench_model(args: argparse.Namespace) -> tuple[Any, str, str]:
-    """(model, source, weights): weights is "trained" or "random"."""
-    from omg_llava_ros import OmgLlava
-    from omg_llava_ros.model.config import PRESETS
+    """(model, source, weights): weights is "trained" or "random". `--config NAME` is `--model
+    config:NAME` (`omg_llava_ros.loading`)."""
+    from omg_llava_ros.loading import RANDOM_PREFIX, load_model, parse_model_spec
 
     if args.config is not None and args.model is not None:
         raise SystemExit("error: give --model or --config, not both")
-    preset = args.config if args.config is not None else args.model if args.model in PRESETS else None
-    if preset is not None:
-        if preset not in PRESETS:
-            raise SystemExit(f"error: unknown config {preset!r}; known: {sorted(PRESETS)}")
-        return OmgLlava.from_config(preset, device=args.device), f"config:{preset}", "random"
-    spec = args.model or EMBEDDED_DEFAULT
-    path = None if spec == EMBEDDED_DEFAULT else spec
     try:
-        return OmgLlava.from_pretrained(path, device=args.device), spec, "trained"
+        spec = parse_model_spec(f"{RANDOM_PREFIX}{args.config}" if args.config is not None else args.model)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    weights = "random" if spec.kind == "random" else "trained"
+    try:
+        return load_model(spec, device=args.device), str(spec), weights
     except FileNotFoundError as err:
         if args.model is not None:
             raise SystemExit(f"error: {err}") from None
         # Speed does not depend on the weights' values, so the embedded shapes still give the figures.
         log.warning("%s; benchmarking the embedded config with random weights instead", err)
-        return OmgLlava.from_config("embedded", device=args.device), "config:embedded (no trained model)", "random"
+        fallback = parse_model_spec(f"{RANDOM_PREFIX}embedded")
+        return load_model(fallback, device=args.device), "config:embedded (no trained model)", "random"
 
 
 def attach_backend(model: Any, args: argparse.Namespace, threads: int) -> None:
@@ -156,7 +152,7 @@ def cmd_node_bench(args: argparse.Namespace) -> int:
 
         check_interfaces()
     except ImportError as exc:
-        from omg_llava_ros.ros.node import ros_setup_hint
+        from omg_llava_ros.ros.main import ros_setup_hint
 
         raise SystemExit(f"error: {ros_setup_hint(exc)}") from None
     set_threads(args)

@@ -1,6 +1,6 @@
 """`omg-llava-ros bench --ros2`: end-to-end latency of the node on real rclpy, beside the pipeline's.
 
-The node runs as a separate process on rclpy (``python -m omg_llava_ros.ros.node``); a second
+The node runs as a separate process on rclpy (``python -m omg_llava_ros.ros``); a second
 rclpy node (omg_llava_ros.ros.peer) publishes tabletop frames and commands and times each result
 from the image's publication to the result's arrival: the first command after activation, further
 commands, and follow-mode frames (each frame published after the previous result, so these are
@@ -50,7 +50,7 @@ def _node_run(
     scenes: list[tuple[str, list[np.ndarray]]], warm_up: bool, backend: str, progress: Callable[[str], None]
 ) -> dict[str, Any]:
 
-    command = [sys.executable, "-m", "omg_llava_ros.ros.node", "--ros-args", "-r", "__node:=omg_llava"]
+    command = [sys.executable, "-m", "omg_llava_ros.ros", "--ros-args", "-r", "__node:=omg_llava"]
     command += ["-r", f"__ns:={NAMESPACE}", "-r", f"~/image:={IMAGE_TOPIC}", "-p", f"backend:={backend}"]
     command += ["-p", "use_depth:=false", "-p", "stats_period_s:=0", "-p", f"warm_up:={str(warm_up).lower()}"]
     with tempfile.TemporaryDirectory(prefix="omg_llava_bench_") as tmp:

@@ -15,7 +15,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from omg_llava_ros.model.omg_llava import OmgLlava, VisionBackend
+from omg_llava_ros.model.omg_llava import OmgLlava
+from omg_llava_ros.model.vision_backend import VisionBackend
 
 # The stages of issue 8, in pipeline order.
 STAGES = (

@@ -35,7 +35,8 @@ from omg_llava_ros.engines.onnxruntime_backend import OnnxRuntimeVision, OrtOpti
 from omg_llava_ros.engines.spec import PRECISIONS, BackendUnavailableError, EngineNotBuiltError, EngineShapes
 
 if TYPE_CHECKING:
-    from omg_llava_ros.model.omg_llava import OmgLlava, VisionBackend
+    from omg_llava_ros.model.omg_llava import OmgLlava
+    from omg_llava_ros.model.vision_backend import VisionBackend
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ def tensorrt_vision(model: OmgLlava, options: EngineOptions) -> VisionBackend:
 
 def select_backend(name: str, model: OmgLlava, options: EngineOptions | None = None) -> VisionBackend:
     """The vision backend `name` (one of BACKENDS) for `model`; see the module docstring."""
-    from omg_llava_ros.model.omg_llava import TorchVision
+    from omg_llava_ros.model.vision_backend import TorchVision
 
     if name not in BACKENDS:
         raise ValueError(f"unknown vision backend {name!r}; choose one of {BACKENDS}")
@@ -231,3 +232,9 @@ def build_engines(
     cache = EngineCache(exported.directory)
     summary.engines = {role: cache.path_for(role, options.precision) for role in exported.roles}
     return summary
+
+
+def vision_backend_plugin(name: str, model: OmgLlava, options: EngineOptions | None = None) -> VisionBackend:
+    """The entry point behind `omg_llava_ros.model.vision_backend.load_vision_backend` for the
+    engines' names (pyproject.toml, group `omg_llava_ros.vision_backends`)."""
+    return select_backend(name, model, options)

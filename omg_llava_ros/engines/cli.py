@@ -6,6 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from omg_llava_ros.loading import add_model_argument
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -18,7 +20,7 @@ def add_build_engines_parser(sub: argparse._SubParsersAction) -> argparse.Argume
         description="Export the encoder and decoder graphs to ONNX (checked for TensorRT 10), and for "
         "--backend tensorrt build the engines. Cached results that still match are reused.",
     )
-    p.add_argument("--model", default=None, help="model directory or preset name (tiny); default: the embedded model")
+    add_model_argument(p)
     p.add_argument(
         "--backend",
         choices=("onnxruntime", "tensorrt"),
@@ -41,10 +43,10 @@ def add_build_engines_parser(sub: argparse._SubParsersAction) -> argparse.Argume
 def cmd_build_engines(args: argparse.Namespace) -> int:
     import torch
 
-    from omg_llava_ros.cli import load_model
     from omg_llava_ros.engines.backend import EngineOptions, build_engines
     from omg_llava_ros.engines.spec import EngineError
     from omg_llava_ros.engines.tensorrt_backend import tensorrt_importable
+    from omg_llava_ros.loading import cli_model as load_model
 
     if args.trtexec:
         return print_trtexec(args)
@@ -83,10 +85,10 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
 def print_trtexec(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from omg_llava_ros.cli import load_model
     from omg_llava_ros.engines.backend import EngineOptions, prepare_onnx
     from omg_llava_ros.engines.cache import EngineCache
     from omg_llava_ros.engines.tensorrt_backend import trtexec_command
+    from omg_llava_ros.loading import cli_model as load_model
 
     model = load_model(args.model)
     options = EngineOptions(
@@ -109,7 +111,7 @@ def calibration_inputs(model, folder: Path, limit: int = 64) -> dict[str, list[d
 
     from omg_llava_ros.engines.onnxruntime_backend import decoder_feeds
     from omg_llava_ros.engines.spec import GraphSpec
-    from omg_llava_ros.model.omg_llava import TorchVision
+    from omg_llava_ros.model.vision_backend import TorchVision
 
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:limit] if folder.is_dir() else []
     if not files:

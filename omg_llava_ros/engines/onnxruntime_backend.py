@@ -18,7 +18,7 @@ from omg_llava_ros.engines.cache import atomic_write
 from omg_llava_ros.engines.export import ExportedModel
 from omg_llava_ros.engines.spec import BackendUnavailableError, GraphSpec, memory_positions
 from omg_llava_ros.model.omg_decoder import DecoderMemory, DecoderOutput, QueryConstraints
-from omg_llava_ros.model.omg_llava import VisionBackend
+from omg_llava_ros.model.vision_backend import VisionBackend
 
 log = logging.getLogger(__name__)
 

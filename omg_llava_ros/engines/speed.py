@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from omg_llava_ros.model.omg_llava import OmgLlava, TorchVision, VisionBackend
+from omg_llava_ros.model.omg_llava import OmgLlava
 from omg_llava_ros.model.prompt_encoder import EncodedPrompt
+from omg_llava_ros.model.vision_backend import TorchVision, VisionBackend
 
 STAGES = ("encode", "panoptic", "seg_queries", "prompts")
 BLOCK = 5  # counted repeats per backend before switching

@@ -61,6 +61,7 @@ from omg_llava_ros.model.preprocessing import ImagePreprocessor, Letterbox, chec
 from omg_llava_ros.model.projectors import TextProjector, VisualProjector
 from omg_llava_ros.model.prompt_encoder import EncodedPrompt, PromptEncoder
 from omg_llava_ros.model.prompt_snapping import snap_prompts
+from omg_llava_ros.model.vision_backend import TorchVision, VisionBackend, load_vision_backend
 
 log = logging.getLogger(__name__)
 
@@ -183,43 +184,6 @@ class ImageState:
     refiner_features: torch.Tensor | None = None  # (1, C, S, S), where the model has a mask refiner
 
 
-# -- the vision backend seam ---------------------------------------------------------------------
-class VisionBackend:
-    """The two vision calls the model makes. `encode`: (1, 3, S, S) normalised pixels → (last encoder
-    stage (1, C4, S/32, S/32), DecoderMemory). `decode`: queries (B, N, C), positions (B, N, C) over one
-    image's memory, optional constraints → DecoderOutput (`with_class`: class logits and IoU too;
-    `seg_decoder`: the [SEG] decoder copy, asked for only when the config has `llm_decoder_copy`)."""
-
-    name = "abstract"
-
-    def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, DecoderMemory]:
-        raise NotImplementedError
-
-    def decode(
-        self, query, query_pos, memory: DecoderMemory, constraints=None, with_class: bool = False, seg_decoder=False
-    ):
-        raise NotImplementedError
-
-
-class TorchVision(VisionBackend):
-    """Plain PyTorch: the model's own modules."""
-
-    name = "torch"
-
-    def __init__(self, model: OmgLlava):
-        self.model = model
-
-    def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, DecoderMemory]:
-        m = self.model
-        features = m.image_encoder(pixels.to(m.device))
-        return features[-1], m.omg_decoder.encode_memory(features)
-
-    def decode(
-        self, query, query_pos, memory: DecoderMemory, constraints=None, with_class: bool = False, seg_decoder=False
-    ):
-        return self.model.omg_decoder.decode(query, query_pos, memory, constraints, with_class, seg_decoder=seg_decoder)
-
-
 # -- the model ----------------------------------------------------------------------------------
 class ModelFileError(ValueError):
     """A file of a model directory cannot be used; the message names the file and why."""
@@ -293,9 +257,7 @@ class OmgLlava(nn.Module):
         if str(device) != "meta":
             model._init_class_embed()
         if backend != "torch":
-            from omg_llava_ros.engines import select_backend  # lazy: the engines are optional here
-
-            model.vision = select_backend(backend, model)
+            model.vision = load_vision_backend(backend, model)
         return model
 
     def _init_class_embed(self) -> None:
@@ -348,9 +310,7 @@ class OmgLlava(nn.Module):
             raise ValueError(f"{directory / VISION_WEIGHTS}: missing keys {missing}, unexpected keys {unexpected}")
         model.eval().requires_grad_(False)
         if backend != "torch":
-            from omg_llava_ros.engines import select_backend  # lazy: the engines are optional here
-
-            model.vision = select_backend(backend, model)
+            model.vision = load_vision_backend(backend, model)
         return model
 
     def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> None:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from omg_llava_ros.loading import add_model_argument
 from omg_llava_ros.replay.bag import STRING, BagOpenError, BagSource
 from omg_llava_ros.replay.runner import ReplayConfig, Replayer, ReplayOutcome, ReplaySetupError, Topics, resolve_topics
 
@@ -40,9 +41,7 @@ def add_replay_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
         "with are dropped); default: as fast as possible, every frame processed",
     )
     p.add_argument("--command", default=None, help="a command in force from the first frame (bags without one)")
-    p.add_argument(
-        "--model", default=None, help="model directory, or a preset (tiny) for random weights; default: embedded"
-    )
+    add_model_argument(p)
     p.add_argument("--backend", choices=BACKENDS, default="torch", help="where the vision parts run")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--max-new-tokens", type=int, default=None)
@@ -54,17 +53,9 @@ def add_replay_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def _model(spec: str | None, device: str, backend: str) -> Any:
-    from omg_llava_ros import OmgLlava
-    from omg_llava_ros.model.config import PRESETS
+    from omg_llava_ros.loading import load_model, resolve_device
 
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec in PRESETS:
-        log.warning("using the random-weight %r config: answers and masks are meaningless", spec)
-        return OmgLlava.from_config(spec, device=device, backend=backend)
-    return OmgLlava.from_pretrained(spec, device=device, backend=backend)
+    return load_model(spec, resolve_device(device), backend)
 
 
 def preflight(bag: str | Path, config: ReplayConfig) -> Topics:

@@ -37,16 +37,15 @@ from typing import Any
 import numpy as np
 
 from omg_llava_ros.pipeline import (
-    CommandFailedError,
     Frame,
     LatestFrameSlot,
     PerceptionPipeline,
     PipelineConfig,
-    PipelineError,
     Result,
     Stamp,
 )
-from omg_llava_ros.pipeline.types import ns_to_stamp, stamp_to_ns
+from omg_llava_ros.pipeline.driver import process_frame, run_worker, stamp_after
+from omg_llava_ros.pipeline.types import stamp_to_ns
 from omg_llava_ros.replay.bag import (
     COMPRESSED_IMAGE,
     IMAGE,
@@ -499,7 +498,7 @@ class Replayer:
     def _set_command(self, item: _CommandItem) -> None:
         # As the node's command_stamp_source "latest_frame": frames received before the command
         # (still waiting in the slot) do not answer it.
-        stamp = ns_to_stamp(stamp_to_ns(self._latest_stamp) + 1) if self._latest_stamp is not None else None
+        stamp = stamp_after(self._latest_stamp)
         command_id = self._pipeline.set_command(item.text, stamp, self.clock())
         command = self._pipeline.command
         text = command.text if command is not None else item.text
@@ -556,16 +555,18 @@ class Replayer:
             self._outcome.dropped_frames = slot.stats.skipped
 
     def _work(self, slot: LatestFrameSlot[_FrameItem]) -> None:
-        while (item := slot.take()) is not None:
-            self._handle_safely(item)
+        run_worker(slot, self._handle, self._on_crash)
 
     # -- processing (worker side) ------------------------------------------------------------------
     def _handle_safely(self, item: _FrameItem) -> None:
         try:
             self._handle(item)
         except Exception as exc:  # a replay must survive anything one frame can do
-            self._error(item.stamp, self._outcome.topics.image, f"unexpected error: {type(exc).__name__}: {exc}")
-            log.debug("replay frame error", exc_info=True)
+            self._on_crash(item, exc)
+
+    def _on_crash(self, item: _FrameItem, exc: Exception) -> None:
+        self._error(item.stamp, self._outcome.topics.image, f"unexpected error: {type(exc).__name__}: {exc}")
+        log.debug("replay frame error", exc_info=exc)
 
     def _handle(self, item: _FrameItem) -> None:
         outcome = self._outcome
@@ -580,16 +581,14 @@ class Replayer:
         pipeline = self._pipeline
         before = replace(pipeline.stats)
         command = pipeline.command
-        result: Result | None = None
         judged_command: int | None = None  # the command an empty prediction is charged to
-        try:
-            result = pipeline.process(frame)
-        except CommandFailedError as exc:
-            self._error(item.stamp, topic, str(exc), item.log_time_ns)
-            judged_command = exc.command_id
-        except (PipelineError, ValueError) as exc:
-            self._error(item.stamp, topic, str(exc), item.log_time_ns)
-            judged_command = command.id if command is not None and not command.is_stop else None
+        outcome_of_frame = process_frame(pipeline, frame)
+        result = outcome_of_frame.result
+        if outcome_of_frame.error is not None:
+            self._error(item.stamp, topic, outcome_of_frame.error, item.log_time_ns)
+            judged_command = outcome_of_frame.failed_command
+            if judged_command is None and command is not None and not command.is_stop:
+                judged_command = command.id
         else:
             idle = pipeline.stats.idle_frames > before.idle_frames
             if result is None and idle and command is not None and not command.is_stop:

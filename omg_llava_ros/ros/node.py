@@ -7,7 +7,7 @@ perception behaviour lives in ``omg_llava_ros.pipeline``; message layouts in ``m
 
 Run it (what ``ros2 run omg_llava_ros omg_llava_node`` and the launch file run)::
 
-    python -m omg_llava_ros.ros.node [--ros-args -p model_path:=DIR ...]
+    python -m omg_llava_ros.ros [--ros-args -p model_path:=DIR ...]
 
 Threads: transport callbacks only store what arrives (the newest image in a one-item slot,
 depth images in a small stamped buffer, camera info, commands); one worker thread takes the
@@ -18,20 +18,19 @@ from __future__ import annotations
 
 import collections
 import gc
-import inspect
 import logging
-import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from omg_llava_ros.pipeline.pipeline import CommandFailedError, PerceptionPipeline, PipelineError
+from omg_llava_ros.pipeline.driver import process_frame, run_worker, stamp_after
+from omg_llava_ros.pipeline.pipeline import PerceptionPipeline, PipelineError
 from omg_llava_ros.pipeline.slot import LatestFrameSlot, StampedBuffer
-from omg_llava_ros.pipeline.types import CameraIntrinsics, Frame, Result, Stamp, ns_to_stamp, stamp_to_ns
+from omg_llava_ros.pipeline.types import CameraIntrinsics, Frame, Result, Stamp
 from omg_llava_ros.ros import messages as m
 from omg_llava_ros.ros.image_conversion import ImageConversionError
 from omg_llava_ros.ros.parameters import NodeParameters, QosSpec
@@ -325,9 +324,8 @@ class OmgLlavaNode:
         source = self.params.command_stamp_source
         if source == "clock":
             return self.transport.now()
-        if source == "latest_frame" and self._latest_image_stamp is not None:
-            # Strictly after the newest frame already received: that one predates the command.
-            return ns_to_stamp(stamp_to_ns(self._latest_image_stamp) + 1)
+        if source == "latest_frame":
+            return stamp_after(self._latest_image_stamp)
         return None
 
     def _set_command(self, text: str, source: str) -> int | None:
@@ -350,18 +348,17 @@ class OmgLlavaNode:
 
     # -- worker ------------------------------------------------------------------------------
     def _work(self) -> None:
-        while self._running.is_set():
-            item = self.slot.take(timeout=0.2)
-            self._maybe_log_stats()
-            if item is None:
-                continue
-            try:
-                self._handle(item)
-            except Exception as exc:  # the worker must survive anything a frame can do
-                self._report(item.stamp, IMAGE_TOPIC, f"unexpected error: {type(exc).__name__}: {exc}")
-                self.log.debug("worker error", exc_info=True)
-            finally:
-                self.stats.frames_handled += 1
+        run_worker(self.slot, self._handle_counted, self._on_crash, self._running.is_set, tick=self._maybe_log_stats)
+
+    def _handle_counted(self, item: _ImageItem) -> None:
+        try:
+            self._handle(item)
+        finally:
+            self.stats.frames_handled += 1
+
+    def _on_crash(self, item: _ImageItem, exc: Exception) -> None:
+        self._report(item.stamp, IMAGE_TOPIC, f"unexpected error: {type(exc).__name__}: {exc}")
+        self.log.debug("worker error", exc_info=exc)
 
     def _handle(self, item: _ImageItem) -> None:
         topic = COMPRESSED_TOPIC if item.compressed else IMAGE_TOPIC
@@ -373,17 +370,13 @@ class OmgLlavaNode:
         pipeline = self.pipeline
         if pipeline is None:
             return
-        try:
-            result = pipeline.process(frame)
-        except CommandFailedError as exc:
-            self._report(frame.stamp, topic, str(exc), level=logging.ERROR)
-            self._finish_waiter(exc.command_id, SegmentOutcome(False, str(exc)))
-            return
-        except (PipelineError, ValueError) as exc:
-            self._report(frame.stamp, topic, str(exc))
-            return
-        if result is not None:
-            self._publish(result)
+        outcome = process_frame(pipeline, frame)
+        if outcome.error is not None:
+            self._report(frame.stamp, topic, outcome.error, level=outcome.level)
+        if outcome.failed_command is not None:
+            self._finish_waiter(outcome.failed_command, SegmentOutcome(False, outcome.error or "command failed"))
+        if outcome.result is not None:
+            self._publish(outcome.result)
 
     def _make_frame(self, msg: Any, compressed: bool, received_at: float) -> Frame:
         image = m.rgb_from_message(msg, compressed)
@@ -570,37 +563,22 @@ class OmgLlavaNode:
 
 
 # -- model loading ---------------------------------------------------------------------------------
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def load_model(params: NodeParameters, log: logging.Logger | Any) -> Any:
     """Load OmgLlava per the parameters and attach the vision backend; ConfigurationError if unusable.
 
-    The model is loaded with PyTorch vision and the backend attached here, through the engines
-    package with explicit options, rather than by ``from_pretrained(backend=...)``: the node must
-    honour build_engines and engine_cache_dir (never build silently) and fall back loudly for
-    "auto", which from_pretrained's backend argument does not offer.
+    The model is loaded with PyTorch vision (`omg_llava_ros.loading`, the one naming scheme:
+    empty, a directory or config:NAME) and the backend attached here, through the engines package
+    with explicit options: the node must honour build_engines and engine_cache_dir (never build
+    silently) and fall back loudly for "auto".
     """
-    from omg_llava_ros.model.omg_llava import OmgLlava
+    from omg_llava_ros.loading import ModelSpec, parse_model_spec, resolve_device
+    from omg_llava_ros.loading import load_model as load_spec
 
-    device = resolve_device(params.device)
-    if params.model_path.startswith("config:"):
-        name = params.model_path.split(":", 1)[1]
-        log.warning("model %r: RANDOM weights from config %r (smoke tests only)", params.model_path, name)
-        model = OmgLlava.from_config(name, device=device)
-    else:
-        kwargs: dict[str, Any] = {"device": device}
-        if "backend" in inspect.signature(OmgLlava.from_pretrained).parameters:
-            kwargs["backend"] = "torch"
-        try:
-            model = OmgLlava.from_pretrained(params.model_path or None, **kwargs)
-        except FileNotFoundError as exc:
-            raise ConfigurationError(str(exc)) from exc
+    try:
+        spec: ModelSpec = parse_model_spec(params.model_path)
+        model = load_spec(spec, device=resolve_device(params.device))
+    except FileNotFoundError as exc:
+        raise ConfigurationError(str(exc)) from exc
     _attach_backend(model, params, log)
     return model
 
@@ -632,32 +610,3 @@ def _attach_backend(model: Any, params: NodeParameters, log: logging.Logger | An
         # The engines' hint names the Python API's switch; a node user sets the parameter.
         reason = str(exc).replace(BUILD_IF_MISSING_HINT, "set the parameter build_engines:=true to build at configure")
         raise ConfigurationError(f"vision backend {params.backend!r} unavailable: {reason}") from exc
-
-
-# -- entry point ------------------------------------------------------------------------------------
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the node on rclpy (``--ros-args`` as in ``ros2 run``); non-zero when it cannot run."""
-    args = list(sys.argv if argv is None else argv)
-    try:
-        from omg_llava_ros.ros.rclpy_node import check_interfaces, run_rclpy
-
-        check_interfaces()
-    except ImportError as exc:  # rclpy itself, or a message package it needs
-        print(f"omg_llava_node: {ros_setup_hint(exc)}", file=sys.stderr)
-        return 2
-    return run_rclpy(args)
-
-
-def ros_setup_hint(exc: ImportError) -> str:
-    """What to install or build when rclpy or a message package cannot be imported."""
-    missing = getattr(exc, "name", None) or str(exc)
-    return (
-        f"cannot import {missing} ({exc}). The node needs rclpy and the message packages "
-        "omg_llava_ros_interfaces and vision_msgs: with a system ROS, `source /opt/ros/<distro>/setup.bash`, "
-        "build this repository's ros2/ packages with colcon and `source install/setup.bash`; without one, "
-        "`bash ros2/setup_ros2.sh` (pip wheels + colcon) and `source build/ros2/install/setup.bash`. See the README."
-    )
-
-
-if __name__ == "__main__":
-    sys.exit(main())

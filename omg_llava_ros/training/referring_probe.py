@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from omg_llava_ros.loading import add_model_argument, cli_model
 from omg_llava_ros.metrics import IouAccumulator
 from omg_llava_ros.model.omg_llava import OmgLlava
 from omg_llava_ros.toyworld.conversations import REFERRING_TEMPLATES
@@ -90,14 +91,14 @@ def probe(model: OmgLlava, samples: int, seed: int, size: int = 256, renderer: s
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="referring_probe", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="model directory (default: the embedded model)")
+    add_model_argument(parser)
     parser.add_argument("--samples", type=int, default=100, help="questions per form")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--renderer", choices=("ours", "pil"), default="ours")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = OmgLlava.from_pretrained(args.model)
+    model = cli_model(args.model)
     print(json.dumps(probe(model, args.samples, args.seed, renderer=args.renderer)))
     return 0
 
