@@ -601,3 +601,44 @@ def test_measure_vision_speed_reports_both_backends(tiny_model, ort_model):
     assert speed.ratio == pytest.approx(speed.torch.total / speed.other.total)
     with pytest.raises(ValueError, match="repeats"):
         measure_vision_speed(tiny_model, ort_model.vision, repeats=0)
+
+
+class _EngineOverOrt:
+    """A stand-in TensorRT engine that runs an ONNX Runtime session on the feeds it is given."""
+
+    def __init__(self, ort_vision: OnnxRuntimeVision, role: str, calls: list[int]):
+        self.ort, self.role, self.calls = ort_vision, role, calls
+
+    def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.calls.append(len(feeds.get("query", feeds.get("pixels"))))
+        if self.role == "encoder":
+            return self.ort.run_encoder(feeds["pixels"])
+        b, n = feeds["query"].shape[:2]
+        return self.ort.run_decoder(self.role, feeds, b, n)
+
+
+def test_the_tensorrt_backend_splits_calls_over_its_profile_and_matches_one_call(ort_model, memory):
+    from omg_llava_ros.engines.spec import EngineShapes
+    from omg_llava_ros.engines.tensorrt_backend import TensorRTVision
+
+    ort = ort_model.vision
+    calls: list[int] = []
+    trt = object.__new__(TensorRTVision)  # no TensorRT here: its engines are ONNX Runtime sessions
+    trt.engines = {role: _EngineOverOrt(ort, role, calls) for role in ort.sessions}
+    trt.spec, trt.positions, trt.device = ort.spec, ort.positions, torch.device("cpu")
+    trt.shapes = EngineShapes(max_queries=8, max_batch=2, max_images=1)
+    q = torch.randn(5, 3, ort.spec.hidden_dim, generator=torch.Generator().manual_seed(1))
+    pos = torch.randn_like(q)
+    whole, split = ort.decode(q, pos, memory, with_class=True), trt.decode(q, pos, memory, with_class=True)
+    assert calls == [2, 2, 1]  # five items over a profile of two
+    for a, b in zip(whole.mask_logits, split.mask_logits, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert torch.allclose(whole.class_logits, split.class_logits, atol=1e-5)
+    pixels = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(2))
+    calls.clear()
+    last, mem = trt.encode(pixels)
+    ort_last, ort_mem = ort.encode(pixels)
+    assert calls == [1, 1] and torch.allclose(last, ort_last, atol=1e-5)
+    assert torch.allclose(mem.mask_features, ort_mem.mask_features, atol=1e-5)
+    with pytest.raises(ValueError, match="max-queries"):
+        trt.decode(torch.randn(1, 9, ort.spec.hidden_dim), torch.randn(1, 9, ort.spec.hidden_dim), memory)

@@ -109,7 +109,7 @@ def calibration_inputs(model, folder: Path, limit: int = 64) -> dict[str, list[d
     import cv2
     import torch
 
-    from omg_llava_ros.engines.onnxruntime_backend import decoder_feeds
+    from omg_llava_ros.engines.graph_vision import decoder_feeds
     from omg_llava_ros.engines.spec import GraphSpec
     from omg_llava_ros.model.vision_backend import TorchVision
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from omg_llava_ros.engines.cache import BuildEnvironment, Profile
-from omg_llava_ros.engines.onnxruntime_backend import decoder_feeds, decoder_role
+from omg_llava_ros.engines.graph_vision import GraphVision
 from omg_llava_ros.engines.spec import (
     BackendUnavailableError,
     EngineBuildError,
@@ -29,8 +29,6 @@ from omg_llava_ros.engines.spec import (
     GraphSpec,
     memory_positions,
 )
-from omg_llava_ros.model.omg_decoder import DecoderMemory, DecoderOutput, QueryConstraints
-from omg_llava_ros.model.vision_backend import VisionBackend
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +204,7 @@ class TrtEngine:
         return outs
 
 
-class TensorRTVision(VisionBackend):
+class TensorRTVision(GraphVision):
     """`VisionBackend` over an encoder and a decoder engine. Calls larger than the profile are split
     over the batch (batch items are independent); more queries per item than max_queries is an error."""
 
@@ -220,35 +218,24 @@ class TensorRTVision(VisionBackend):
         self.spec, self.shapes, self.device = spec, shapes, torch.device(device)
         self.positions = memory_positions(spec, self.device)
 
-    def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, DecoderMemory]:
-        self.spec.check_pixels(pixels)
+    def run_encoder(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         step = self.shapes.max_images
         encoder = self.engines["encoder"]
         parts = [encoder.run({"pixels": pixels[i : i + step]}) for i in range(0, len(pixels), step)]
-        outs = {k: torch.cat([p[k] for p in parts]).to(self.device) for k in parts[0]}
-        return outs["last_stage"], self.spec.memory_from(outs, self.positions)
+        return {k: torch.cat([p[k] for p in parts]).to(self.device) for k in parts[0]}
 
-    def decode(
-        self,
-        query: torch.Tensor,
-        query_pos: torch.Tensor,
-        memory: DecoderMemory,
-        constraints: QueryConstraints | None = None,
-        with_class: bool = False,
-        seg_decoder: bool = False,
-    ) -> DecoderOutput:
-        feeds = decoder_feeds(self.spec, query, query_pos, memory, constraints)
-        b, n = query.shape[:2]
-        if n > self.shapes.max_queries:
+    def run_decoder(
+        self, role: str, feeds: dict[str, torch.Tensor], batch: int, queries: int
+    ) -> dict[str, torch.Tensor]:
+        if queries > self.shapes.max_queries:
             raise ValueError(
-                f"{n} queries per item but the decoder engine was built for at most {self.shapes.max_queries}; "
+                f"{queries} queries per item but the decoder engine was built for at most {self.shapes.max_queries}; "
                 "rebuild it with `omg-llava-ros build-engines --max-queries N`"
             )
-        engine, step = self.engines[decoder_role(self.spec, seg_decoder)], self.shapes.max_batch
+        engine, step = self.engines[role], self.shapes.max_batch
         per_item = {"query", "query_pos", "use_prediction", *self.spec.allowed_names}  # memories: one image
         parts = []
-        for i in range(0, b, step):
+        for i in range(0, batch, step):
             chunk = {k: (v[i : i + step] if k in per_item else v) for k, v in feeds.items()}
             parts.append(engine.run(chunk))
-        outs = {k: torch.cat([p[k] for p in parts]).to(self.device) for k in parts[0]}
-        return self.spec.output_from(outs, with_class)
+        return {k: torch.cat([p[k] for p in parts]).to(self.device) for k in parts[0]}
