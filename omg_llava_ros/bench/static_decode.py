@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from omg_llava_ros.model.language_model import Generation, LogitsProcessor
+from omg_llava_ros.model.language_model import Generation, LogitsProcessor, greedy_loop
 
 
 class StaticCacheGenerator:
@@ -104,27 +104,16 @@ class StaticCacheGenerator:
             hidden = out.last_hidden_state[:, -1]
             return hidden, self.head(hidden)[0].float()
 
-        hidden, logits = self._timed(prefill, length)
-        generated: list[int] = []
-        seg_states: list[torch.Tensor] = []
-        stopped = False
-        stop = set(stop_ids)
-        for _ in range(max_new_tokens):
-            if logits_processor is not None:
-                logits = logits_processor(generated, logits)
-            best = torch.argmax(logits)
-            token = int(best)
-            if token in stop:
-                stopped = True
-                break
-            generated.append(token)
-            step_in = self.embed(best.view(1, 1))
+        _, logits = self._timed(prefill, length)
+
+        def step(token_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             if self._graphs:
                 torch.compiler.cudagraph_mark_step_begin()
-            hidden, logits = self._timed(lambda step_in=step_in: self.step(step_in), 1)
-            if token == seg_id:
-                # A CUDA-graphed step reuses its output buffers: keep a copy.
-                seg_states.append(hidden[0].clone())
+            return self._timed(lambda: self.step(token_embeds), 1)
+
+        generated, seg_states, stopped = greedy_loop(
+            logits, step, self.embed, stop_ids, seg_id, max_new_tokens, logits_processor
+        )
         seg_hidden = torch.stack(seg_states) if seg_states else inputs_embeds.new_zeros(0, inputs_embeds.shape[-1])
         return Generation(generated, seg_hidden, stopped, prompt_length=length)
 

@@ -137,6 +137,37 @@ LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 
 
 @torch.inference_mode()  # no autograd bookkeeping on any of the per-token ops (no_grad still keeps some)
+def greedy_loop(
+    logits: torch.Tensor,
+    step: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    embed: nn.Module,
+    stop_ids: Sequence[int],
+    seg_id: int,
+    max_new_tokens: int,
+    logits_processor: LogitsProcessor | None = None,
+) -> tuple[list[int], list[torch.Tensor], bool]:
+    """The greedy loop every decoder runs (eager here, CUDA-graphed in `bench.static_decode`): from
+    the prompt's next-token `logits`, pick, stop or feed the token through `step` ((1, 1, H) embedded
+    token → its (1, H) last-layer state and next logits). Returns the generated ids, the states of
+    the `[SEG]` tokens (copies: a graphed step reuses its buffers) and whether a stop id ended it."""
+    generated: list[int] = []
+    seg_states: list[torch.Tensor] = []
+    stop = set(stop_ids)
+    for _ in range(max_new_tokens):
+        if logits_processor is not None:
+            logits = logits_processor(generated, logits)
+        best = torch.argmax(logits)
+        token = int(best)
+        if token in stop:
+            return generated, seg_states, True
+        generated.append(token)
+        # The id is already a tensor on the device: no new host tensor and no copy per token.
+        hidden, logits = step(embed(best.view(1, 1)))
+        if token == seg_id:
+            seg_states.append(hidden[0].clone())
+    return generated, seg_states, False
+
+
 def greedy_generate(
     llm: nn.Module,
     inputs_embeds: torch.Tensor,
@@ -155,31 +186,18 @@ def greedy_generate(
 
     base = llm.base_model
     head = llm.get_output_embeddings()
-    embed = llm.get_input_embeddings()
     cache = DynamicCache(config=llm.config)
     out = base(inputs_embeds=inputs_embeds, past_key_values=cache, use_cache=True)
     prompt_hidden = out.last_hidden_state[0]
-    hidden = out.last_hidden_state[:, -1]
-    generated: list[int] = []
-    seg_states: list[torch.Tensor] = []
-    stopped = False
-    stop = set(stop_ids)
-    for _ in range(max_new_tokens):
-        logits = head(hidden)[0].float()
-        if logits_processor is not None:
-            logits = logits_processor(generated, logits)
-        best = torch.argmax(logits)
-        token = int(best)
-        if token in stop:
-            stopped = True
-            break
-        generated.append(token)
-        # The id is already a tensor on the device: no new host tensor and no copy per token.
-        step = embed(best.view(1, 1))
-        out = base(inputs_embeds=step, past_key_values=cache, use_cache=True)
-        hidden = out.last_hidden_state[:, -1]
-        if token == seg_id:
-            seg_states.append(hidden[0])
+
+    def step(token_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = base(inputs_embeds=token_embeds, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+        return hidden, head(hidden)[0].float()
+
+    first = head(out.last_hidden_state[:, -1])[0].float()
+    generated, seg_states, stopped = greedy_loop(
+        first, step, llm.get_input_embeddings(), stop_ids, seg_id, max_new_tokens, logits_processor
+    )
     hidden_size = inputs_embeds.shape[-1]
     seg_hidden = torch.stack(seg_states) if seg_states else inputs_embeds.new_zeros(0, hidden_size)
     return Generation(generated, seg_hidden, stopped, inputs_embeds.shape[1], prompt_hidden)
