@@ -172,7 +172,27 @@ def test_load_model_backend_choices(monkeypatch, caplog):
     assert calls == [("tensorrt", False), ("auto", False)]  # never asked to build by default
 
 
-def test_auto_backend_without_engines_builds_nothing_and_falls_back_loudly(tmp_path, caplog):
+def test_auto_backend_on_a_cpu_exports_the_onnx_graphs_once_with_a_log_line(tmp_path, caplog):
+    # No GPU here: ONNX Runtime is the fast CPU path, so "auto" exports once (logged), never TensorRT.
+    params = NodeParameters(model_path="config:tiny", backend="auto", device="cpu", engine_cache_dir=str(tmp_path))
+    with caplog.at_level(logging.WARNING):
+        model = load_model(params, logging.getLogger("omg_llava_ros.test"))
+    assert type(model.vision).__name__ == "OnnxRuntimeVision"
+    assert "exporting them once" in caplog.text
+    assert any(tmp_path.rglob("*.onnx")) and not any(tmp_path.rglob("*.plan"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        again = load_model(params, logging.getLogger("omg_llava_ros.test"))
+    assert type(again.vision).__name__ == "OnnxRuntimeVision" and "exporting" not in caplog.text  # reused
+
+
+def test_auto_backend_told_not_to_export_falls_back_to_pytorch_loudly(tmp_path, caplog, monkeypatch):
+    import functools
+
+    from omg_llava_ros.engines import backend as engines_backend
+
+    no_export = functools.partial(engines_backend.EngineOptions, export_on_cpu=False)
+    monkeypatch.setattr(engines_backend, "EngineOptions", no_export)
     params = NodeParameters(model_path="config:tiny", backend="auto", device="cpu", engine_cache_dir=str(tmp_path))
     with caplog.at_level(logging.WARNING):
         model = load_model(params, logging.getLogger("omg_llava_ros.test"))

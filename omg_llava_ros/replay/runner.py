@@ -379,8 +379,10 @@ class Replayer:
         self._lock = threading.Lock()
 
     # -- entry point -----------------------------------------------------------------------------
-    def run(self, bag: str | Path, out_dir: str | Path | None = None) -> ReplayOutcome:
+    def run(self, bag: str | Path, out_dir: str | Path | None = None, source: Any = None) -> ReplayOutcome:
         """Replay the bag; with out_dir, write output/ (a rosbag2), metrics.json and report.html there.
+        `source`: an open stand-in for the bag's `BagSource` (the same methods, e.g. a generated
+        stream, `replay.soak`), read instead of the file; `bag` then only names it.
 
         Raises ReplaySetupError when it cannot start; anything wrong inside messages is recorded.
         """
@@ -390,7 +392,7 @@ class Replayer:
         out = Path(out_dir) if out_dir is not None else None
         started = self.clock()
         try:
-            source = BagSource(bag).open()
+            source = source if source is not None else BagSource(bag).open()
         except BagOpenError as exc:
             raise ReplaySetupError(str(exc)) from None
         try:

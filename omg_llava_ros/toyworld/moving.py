@@ -9,7 +9,7 @@ frame (within the limits), which looks like things being pushed around rather th
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -112,3 +112,18 @@ def sample_moving_scene(
     frames = [draw(s, size) if draw else render(s, size, antialias=antialias) for s in scenes]
     command = sample_referring_segmentation(rng, frames[0], ref_mode=ref_mode)
     return MovingScene(scenes=scenes, frames=frames, target=command.object_ids[0], command=command)
+
+
+def iter_moving_frames(rng: np.random.Generator, num_frames: int, size: int = NATIVE_SIZE) -> Iterator[RenderedScene]:
+    """The frames of one scene in motion, rendered one at a time as they are taken (long runs:
+    `replay.soak` holds one frame, not a scene's hundreds). Same motion rules as
+    `sample_moving_scene`; no command."""
+    scene = sample_scene(rng)
+    n = len(scene.objects)
+    velocity = np.stack([_random_velocity(rng) for _ in range(n)])
+    spin = rng.uniform(-MAX_TURN, MAX_TURN, n)
+    spin[[o.shape == "circle" for o in scene.objects]] = 0.0
+    for k in range(num_frames):
+        if k:
+            scene = replace(step_scene(rng, scene, velocity, spin), noise_seed=int(rng.integers(2**63 - 1)))
+        yield render(scene, size)
