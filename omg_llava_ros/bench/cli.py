@@ -7,9 +7,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from omg_llava_ros.loading import add_model_argument
@@ -31,6 +33,19 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     add_model_argument(p)
     p.add_argument("--config", default=None, help="the same as --model config:NAME (official-7b: the GPU benchmark)")
     p.add_argument("--backend", choices=BACKEND_CHOICES, default="torch", help="vision backend (default: torch)")
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        choices=BACKEND_CHOICES,
+        default=None,
+        help="bench each of these vision backends in one run (e.g. torch auto), the same model and frames",
+    )
+    p.add_argument(
+        "--load",
+        type=int,
+        default=0,
+        help="keep N busy processes running beside the bench (a machine under the load of a test suite)",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch and ONNX Runtime (default: all)")
     p.add_argument("--repeats", type=int, default=10, help="measured commands (each with --follow-frames frames)")
@@ -93,6 +108,9 @@ def load_bench_model(args: argparse.Namespace) -> tuple[Any, str, str]:
 
 def attach_backend(model: Any, args: argparse.Namespace, threads: int) -> None:
     if args.backend == "torch":
+        from omg_llava_ros.model.vision_backend import TorchVision
+
+        model.vision = TorchVision(model)
         return
     from omg_llava_ros.engines.backend import EngineOptions, select_backend
     from omg_llava_ros.engines.onnxruntime_backend import OrtOptions
@@ -206,16 +224,54 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {err}") from None
     model, source, weights = load_bench_model(args)
     options.scripted = args.scripted or weights == "random"
-    attach_backend(model, args, threads)
 
     def progress(msg: str) -> None:
         print(f"bench: {msg}", file=sys.stderr, flush=True)
 
-    report = run_bench(model, options, source=source, weights=weights, progress=progress)
-    print(format_report(report))
+    reports = {}
+    with busy_processes(args.load):
+        for backend in args.backends or [args.backend]:
+            args.backend = backend
+            attach_backend(model, args, threads)
+            reports[backend] = run_bench(model, options, source=source, weights=weights, progress=progress)
+            reports[backend]["machine"]["busy_processes"] = args.load
+    for report in reports.values():
+        print(format_report(report))
+    if len(reports) > 1:
+        print(format_comparison(reports))
     if args.json:
-        print(json.dumps(report))
+        print(json.dumps(reports if len(reports) > 1 else next(iter(reports.values()))))
     return 0
+
+
+@contextlib.contextmanager
+def busy_processes(count: int) -> Iterator[None]:
+    """`count` processes spinning on the CPU for the duration (nothing with `count` 0)."""
+    import subprocess
+
+    if count < 0:
+        raise SystemExit("error: --load must be ≥ 0")
+    spin = "import time\nwhile True:\n    sum(i * i for i in range(10000))\n"
+    procs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait()
+
+
+def format_comparison(reports: dict[str, dict[str, Any]]) -> str:
+    """One line per backend: follow rate and command → mask, and the goals on each."""
+    lines = ["", f"{'backend':12s} {'vision':14s} {'follow Hz':>10s} {'command → mask ms':>18s}  goals"]
+    for name, r in reports.items():
+        goals = ", ".join(
+            f"{k} {'met' if g['met'] else 'NOT met'}" for k, g in r["goals"].items() if g["met"] is not None
+        )
+        follow, command = _ms(r["follow_hz"]), _ms(r["command_to_mask_ms"])
+        lines.append(f"{name:12s} {r['model']['backend']:14s} {follow:>10s} {command:>18s}  {goals}")
+    return "\n".join(lines)
 
 
 def gpu_official_argv(args: argparse.Namespace) -> list[str]:

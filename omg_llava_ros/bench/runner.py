@@ -36,10 +36,11 @@ from omg_llava_ros.toyworld import sample_moving_scene
 
 log = logging.getLogger(__name__)
 
-# Issue 8's budget for the embedded model on a 2-core CPU.
+# The embedded model's budget on a 2-core CPU (follow at camera rate, a command answered within a
+# robot's reaction time), on the default backend and under load.
 GOALS: dict[str, tuple[str, float]] = {
     "follow_hz": (">=", 30.0),
-    "command_to_mask_ms": ("<=", 500.0),
+    "command_to_mask_ms": ("<=", 150.0),
     "onnxruntime_speedup": (">=", 1.5),
 }
 

@@ -170,7 +170,7 @@ class OmgLlavaConfig:
     # (`object_location`; ours): off in the official model.
     locate_objects: bool = False
     # The `[SEG]` pointer also weighs relations to an anchor object and areas (`object_location`,
-    # "the star left of the red circle", "the largest object"; ours, v22): needs locate_objects.
+    # "the star left of the red circle", "the largest object"; ours): needs locate_objects.
     point_relations: bool = False
     max_new_tokens: int = 256
     system_prompt: str = ""
@@ -310,8 +310,8 @@ def embedded() -> OmgLlavaConfig:
         ),
         language_model=LanguageModelConfig(
             hidden_size=256,
-            # v11: 6 layers of 8 heads (v6: 4 of 4). The 4-layer LLM lost its place in captions
-            # among neighbours of one colour ("a blue cross, a blue cross" for a cross and a star).
+            # 6 layers of 8 heads: with 4 of 4 the LLM lost its place in captions among neighbours
+            # of one colour ("a blue cross, a blue cross" for a cross and a star).
             num_hidden_layers=6,
             num_attention_heads=8,
             num_key_value_heads=8,
@@ -331,10 +331,10 @@ def embedded() -> OmgLlavaConfig:
         snap_prompts=True,
         # Its stride-4 masks are 64²: boundaries come out 1-3 px off, a quarter of a small object.
         mask_refiner_channels=16,
-        # Of two objects alike, referring picked one by chance (v15: cIoU 0.38 between them).
+        # Of two objects alike, referring picked one by chance without it (cIoU 0.38 between them).
         locate_objects=True,
-        # v21 pointed at the wrong object for most of "the star left of the red circle" and "the
-        # largest object" (cIoU 0.59-0.73 on forms 5 and 6).
+        # Without it the pointer chose the wrong object for most of "the star left of the red
+        # circle" and "the largest object" (cIoU 0.59-0.73 on forms 5 and 6).
         point_relations=True,
     )
 

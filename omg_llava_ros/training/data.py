@@ -132,8 +132,8 @@ class ConversationSample:
 # Stage-2 task mix: referring segmentation and GCG carry the mask loss. Counting and existence
 # need an absent/how-many judgement over all object tokens, which the small LLM learns late: with
 # ~12k existence questions it stayed at chance, while ~20k more (fine-tuning on those two tasks)
-# took it to 0.98; so they get the largest shares. Captions and region captions got more in v5
-# (2.0 and 2.5 from 1.5): region captions had lost a third of their accuracy when their share fell.
+# took it to 0.98; so they get the largest shares. Captions and region captions have 2.0 and 2.5
+# (from 1.5): region captions lost a third of their accuracy when their share was smaller.
 TASK_WEIGHTS = {
     "referring_segmentation": 3.0,
     "counting": 4.0,
@@ -148,8 +148,8 @@ TASK_WEIGHTS = {
 
 # Share of the "no" existence questions (training only) asked about a confusable pair: a colour
 # and a shape that are both on the table, on different objects. Drawn uniformly, most absent
-# pairs share nothing with the scene and are answered from either attribute alone. (v5, trained
-# with them, still answers "yes." whenever the colour is on the table, whether the shape is or not.)
+# pairs share nothing with the scene and are answered from either attribute alone. (Trained with
+# these alone, the model still answered "yes." whenever the colour was on the table: stage 4.)
 HARD_NEGATIVE_SHARE = 0.5
 
 
@@ -157,8 +157,8 @@ HARD_NEGATIVE_SHARE = 0.5
 class ExistenceNegatives:
     """Shares of the "no" existence questions (training only) by kind of absent pair; the rest are
     drawn uniformly from all absent pairs. confusable: its colour and its shape both on the table,
-    on different objects; colour_only: its colour on the table, its shape nowhere (v5 answered
-    "yes." to all of those: it judged existence by the colour)."""
+    on different objects; colour_only: its colour on the table, its shape nowhere (a model trained
+    without them answered "yes." to all of those: it judged existence by the colour)."""
 
     confusable: float = HARD_NEGATIVE_SHARE
     colour_only: float = 0.0
@@ -221,9 +221,9 @@ def sample_positional_referring(rng: np.random.Generator, rendered: RenderedScen
 
 
 # The forms named by where objects are or how large (toyworld.md 4-6): "the leftmost star", "the
-# star left of the red circle", "the largest object". v21 met referring overall on the shortest
-# expressions but scored 0.59-0.73 cIoU on forms 5 and 6 (2026-12-02), nearly all by pointing at
-# the wrong object token (`training.referring_probe`).
+# star left of the red circle", "the largest object". Without questions of these forms asked form
+# first, a model that met referring on the shortest expressions scored 0.59-0.73 cIoU on forms 5 and
+# 6, nearly all by pointing at the wrong object token (`training.referring_probe`).
 SPATIAL_FORMS = (4, 5, 6)
 
 
