@@ -71,6 +71,20 @@ def test_bench_json_on_tiny(tmp_path, capsys):
     assert f"{report['command_to_mask_ms']:.1f} ms" in table and report["machine"]["date"][:10] in table
 
 
+def test_bench_compares_backends_in_one_run_under_load(tmp_path, capsys):
+    argv = ["bench", "--config", "tiny", "--threads", "1", "--repeats", "1", "--warmup", "0", "--follow-frames", "2"]
+    argv += ["--backends", "torch", "auto", "--load", "1", "--no-onnxruntime", "--cache-dir", str(tmp_path), "--json"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    reports = last_json(out)
+    assert set(reports) == {"torch", "auto"}
+    assert reports["torch"]["model"]["backend"] == "torch"
+    assert reports["auto"]["model"]["backend"] == "onnxruntime"  # no GPU here: auto is ONNX Runtime
+    for r in reports.values():
+        assert r["follow_hz"] > 0 and r["command_to_mask_ms"] > 0 and r["machine"]["busy_processes"] == 1
+    assert "follow Hz" in out and "command → mask ms" in out  # the comparison lines
+
+
 def test_training_bench_times_both_prompt_layouts(capsys):
     argv = ["bench", "--training", "--threads", "1", "--repeats", "1", "--warmup", "0"]
     assert main([*argv, "--json"]) == 0

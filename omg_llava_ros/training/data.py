@@ -255,13 +255,16 @@ def sample_training_conversation(
     """toyworld's sampler, with hard negatives for existence; the answers keep the world's contract,
     only the question distribution changes. The training-only task "referring_position" asks
     referring segmentation with positional expressions (`sample_positional_referring`),
-    "referring_spatial" with an expression of form 4, 5 or 6 (`sample_referring_of_forms`)."""
+    "referring_spatial" with an expression of form 4, 5 or 6 (`sample_referring_of_forms`),
+    "referring_relation" of form 5 alone ("the star left of the red circle")."""
     if task == "existence":
         return sample_training_existence(rng, rendered, negatives)
     if task == "referring_position":
         return sample_positional_referring(rng, rendered)
     if task == "referring_spatial":
         return sample_referring_of_forms(rng, rendered)
+    if task == "referring_relation":
+        return sample_referring_of_forms(rng, rendered, (5,))
     return sample_conversation(rng, rendered, task, ref_mode="any" if rng.random() < 0.5 else "shortest")
 
 
