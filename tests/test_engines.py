@@ -518,12 +518,31 @@ def test_auto_prefers_tensorrt_then_falls_back_when_not_built(tiny_model, export
 
 
 def test_nothing_built_gives_a_clear_error(tiny_model, tmp_path, no_gpu):
-    empty = EngineOptions(cache_dir=tmp_path)
+    empty = EngineOptions(cache_dir=tmp_path, export_on_cpu=False)
     with pytest.raises(EngineNotBuiltError, match="build-engines"):
         select_backend("onnxruntime", tiny_model, empty)
     with pytest.raises(EngineNotBuiltError, match="no vision engine backend is usable"):
         select_backend("auto", tiny_model, empty)
     assert not any(tmp_path.iterdir())  # nothing was exported behind the user's back
+
+
+def test_auto_on_a_machine_with_no_gpu_exports_once_with_a_log_line(tiny_model, tmp_path, no_gpu, caplog):
+    options = EngineOptions(cache_dir=tmp_path)  # export_on_cpu is the default
+    with pytest.raises(EngineNotBuiltError, match="build-engines"):
+        select_backend("onnxruntime", tiny_model, options)  # asked for by name: never exported behind its back
+    with caplog.at_level(logging.WARNING, logger="omg_llava_ros.engines.backend"):
+        first = select_backend("auto", tiny_model, options)
+    assert isinstance(first, OnnxRuntimeVision)
+    assert sum("exporting them once" in r.getMessage() for r in caplog.records) == 1
+    written = sorted(p for p in tmp_path.rglob("*.onnx"))
+    assert written, "auto exported no graphs"
+    stamps = {p: p.stat().st_mtime_ns for p in written}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="omg_llava_ros.engines.backend"):
+        again = select_backend("auto", tiny_model, options)
+    assert isinstance(again, OnnxRuntimeVision)
+    assert not any("exporting" in r.getMessage() for r in caplog.records)  # the second start reuses them
+    assert {p: p.stat().st_mtime_ns for p in written} == stamps
 
 
 def test_tensorrt_requested_but_missing(tiny_model, options, monkeypatch, tmp_path):
