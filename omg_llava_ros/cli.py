@@ -181,7 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--stage3-steps", type=int, default=None, help="default: TrainConfig's")
     tr.add_argument("--stage4-steps", type=int, default=None, help="default: TrainConfig's")
     tr.add_argument("--stage5-steps", type=int, default=None, help="default: TrainConfig's")
-    tr.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
+    tr.add_argument(
+        "--stages",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2, 3, 4, 5],
+        choices=range(7),
+        help="0 perception, 1 projectors, 2 instruction tuning, 3 counting/existence, 4 fine-tune, 5 mask "
+        "refiner, 6 the location pointer alone (training.pointer_fit)",
+    )
     tr.add_argument(
         "--minutes",
         type=float,

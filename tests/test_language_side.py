@@ -9,6 +9,7 @@ from omg_llava_ros.model.language_model import (
     MARK_TOKEN,
     add_special_tokens,
     greedy_generate,
+    phrase_spans,
     seg_hidden_states,
     special_token_ids,
     train_tokenizer,
@@ -92,6 +93,30 @@ def test_seg_hidden_state_is_the_last_layer_state_where_seg_is_the_input(tiny_mo
     # ... and not the state one position earlier (where [SEG] was the *output*).
     seg_pos = torch.nonzero(ids == m.tokens.seg).flatten()
     assert not torch.allclose(gen.seg_hidden, hidden[seg_pos - 1], atol=1e-3)
+
+
+def test_each_seg_gets_the_mean_state_of_its_phrase_as_teacher_forcing_gives_it(tiny_model):
+    m = tiny_model
+    answer = "<p> the red circle </p> [SEG] and <p> the star left of it </p> [SEG], then [SEG]."
+    force, target = _script(m.tokenizer, answer)
+    torch.manual_seed(2)
+    prompt = torch.randn(1, 7, m.config.language_model.hidden_size)
+    marks = (m.tokens.phrase_start, m.tokens.phrase_end)
+    gen = greedy_generate(m.llm, prompt, m.tokens.stop_ids, m.tokens.seg, 64, force, marks)
+    ids = gen.token_ids
+    full = torch.cat([prompt[0], m.llm.get_input_embeddings()(torch.tensor(ids))], 0)[None]
+    with torch.no_grad():
+        hidden = m.llm.base_model(inputs_embeds=full).last_hidden_state[0, prompt.shape[1] :]
+    segs = [i for i, t in enumerate(ids) if t == m.tokens.seg]
+    spans = phrase_spans(ids, segs, marks)
+    words = [m.tokenizer.decode(ids[a:b]).strip() for a, b in spans]
+    # The third [SEG] has no phrase of its own: the last one closed before it stands.
+    assert words == ["the red circle", "the star left of it", "the star left of it"]
+    expected = torch.stack([hidden[a:b].mean(0) for a, b in spans])
+    assert gen.phrase_hidden.shape == gen.seg_hidden.shape == (3, m.config.language_model.hidden_size)
+    assert torch.allclose(gen.phrase_hidden, expected, atol=1e-4)
+    # With no phrase at all, a [SEG]'s own state stands in.
+    assert phrase_spans([5, m.tokens.seg], [1], marks) == [(1, 2)]
 
 
 def test_greedy_loop_matches_transformers_generate(tiny_model):

@@ -100,7 +100,12 @@ def test_the_location_loss_points_each_seg_at_the_object_token_of_its_target():
     target[8:40, 80:112] = True  # the right square at 4× the mask resolution
     nothing = np.zeros_like(target)  # matches no object token: no pointer loss
     seq = SimpleNamespace(
-        seg_positions=[3, 4], object_positions=[0, 1], target_masks=[target, nothing], image_index=0, anchor_masks=[]
+        seg_positions=[3, 4],
+        object_positions=[0, 1],
+        target_masks=[target, nothing],
+        image_index=0,
+        anchor_masks=[],
+        phrase_spans=[(2, 3), (4, 5)],
     )
     hidden = torch.randn(1, 5, hidden_size, requires_grad=True)
     loss, anchor = location_loss(model, vb, [seq], hidden)
@@ -132,15 +137,18 @@ def test_the_anchor_loss_points_a_relation_at_its_anchor_token():
         target_masks=[big(right), big(left)],
         anchor_masks=[big(left), None],
         image_index=0,
+        phrase_spans=[(2, 3), (4, 5)],  # the first [SEG]'s phrase at 2, the second has none
     )
     hidden = torch.randn(1, 5, 8, requires_grad=True)
     loss, anchor = location_loss(SimpleNamespace(object_location=location), vb, [seq], hidden)
     expected = torch.nn.functional.cross_entropy(
-        location.anchor_scores(hidden[0, [3]], hidden[0, [0, 1]]), torch.tensor([0])
+        location.anchor_scores(hidden[0, [2]], hidden[0, [0, 1]]), torch.tensor([0])
     )
     assert torch.allclose(anchor, expected)
     anchor.backward()
-    assert location.anchor_query.weight.grad.abs().sum() > 0 and hidden.grad[0, 4].abs().sum() == 0
+    # The anchor is read from the phrase, not from the [SEG] state.
+    assert location.anchor_query.weight.grad.abs().sum() > 0 and hidden.grad[0, 2].abs().sum() > 0
+    assert hidden.grad[0, 3].abs().sum() == 0 and hidden.grad[0, 4].abs().sum() == 0
 
 
 def test_region_constraints_let_a_query_attend_exactly_its_region_at_every_level():

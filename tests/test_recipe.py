@@ -21,8 +21,9 @@ def test_the_shipped_recipe_builds_every_run_from_scratch_to_the_shipped_model(t
     for run, cfg, before in zip(runs[1:], configs[1:], names[:-1], strict=True):
         assert cfg.init_from == str(tmp_path / before / "model")  # each from the run before it
         assert cfg.out_dir == str(tmp_path / run["name"])
-    assert last.point_relations and last.stages == (4,)
-    assert last.stage4_task_weights["referring_spatial"] > 0 and "referring_spatial" in data_tasks()
+    # The shipped model's last step: the pointer, given relations, fitted alone (stage 6).
+    assert last.point_relations and last.stages == (6,) and last.stage6_records > 0 and last.stage6_steps > 0
+    assert all(set(r.stage4_task_weights) <= data_tasks() for r in configs)
     assert isinstance(last.stage4_existence, data.ExistenceNegatives)
     assert isinstance(first.stage0_restarts, tuple) and all(isinstance(r, tuple) for r in first.stage0_restarts)
     # --init-from replaces the start of the first selected run.
@@ -31,7 +32,7 @@ def test_the_shipped_recipe_builds_every_run_from_scratch_to_the_shipped_model(t
 
 def data_tasks() -> set[str]:
     """The tasks the training sampler knows beyond toyworld's."""
-    return {"referring_position", "referring_spatial", *data.TASK_WEIGHTS}
+    return {"referring_position", "referring_spatial", "referring_relation", *data.TASK_WEIGHTS}
 
 
 @pytest.mark.parametrize(

@@ -111,7 +111,7 @@ class StaticCacheGenerator:
                 torch.compiler.cudagraph_mark_step_begin()
             return self._timed(lambda: self.step(token_embeds), 1)
 
-        generated, seg_states, stopped = greedy_loop(
+        generated, seg_states, _, stopped = greedy_loop(
             logits, step, self.embed, stop_ids, seg_id, max_new_tokens, logits_processor
         )
         seg_hidden = torch.stack(seg_states) if seg_states else inputs_embeds.new_zeros(0, inputs_embeds.shape[-1])

@@ -131,6 +131,7 @@ class Generation:
     stopped: bool
     prompt_length: int = 0
     prompt_hidden: torch.Tensor | None = None
+    phrase_hidden: torch.Tensor | None = None  # (n_seg, hidden): each [SEG]'s phrase (`greedy_loop`)
 
 
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
@@ -145,27 +146,58 @@ def greedy_loop(
     seg_id: int,
     max_new_tokens: int,
     logits_processor: LogitsProcessor | None = None,
-) -> tuple[list[int], list[torch.Tensor], bool]:
+    phrase_ids: tuple[int, int] | None = None,
+) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor], bool]:
     """The greedy loop every decoder runs (eager here, CUDA-graphed in `bench.static_decode`): from
     the prompt's next-token `logits`, pick, stop or feed the token through `step` ((1, 1, H) embedded
     token → its (1, H) last-layer state and next logits). Returns the generated ids, the states of
-    the `[SEG]` tokens (copies: a graphed step reuses its buffers) and whether a stop id ended it."""
+    the `[SEG]` tokens (copies: a graphed step reuses its buffers), for each `[SEG]` the mean state
+    of the tokens of the last phrase closed before it (`phrase_ids`: the `<p>`, `</p>` ids; the
+    `[SEG]`'s own state where there is none) and whether a stop id ended it."""
     generated: list[int] = []
     seg_states: list[torch.Tensor] = []
+    phrase_states: list[torch.Tensor] = []
     stop = set(stop_ids)
+    opening, closing = phrase_ids if phrase_ids is not None else (None, None)
+    inside, total, count, phrase = False, None, 0, None
     for _ in range(max_new_tokens):
         if logits_processor is not None:
             logits = logits_processor(generated, logits)
         best = torch.argmax(logits)
         token = int(best)
         if token in stop:
-            return generated, seg_states, True
+            return generated, seg_states, phrase_states, True
         generated.append(token)
         # The id is already a tensor on the device: no new host tensor and no copy per token.
         hidden, logits = step(embed(best.view(1, 1)))
+        if token == opening:
+            inside, total, count = True, None, 0
+        elif token == closing and inside:
+            inside, phrase = False, (total / count if count else None)
+        elif inside:
+            total = hidden[0].clone() if total is None else total + hidden[0]
+            count += 1
         if token == seg_id:
             seg_states.append(hidden[0].clone())
-    return generated, seg_states, False
+            phrase_states.append(phrase.clone() if phrase is not None else hidden[0].clone())
+    return generated, seg_states, phrase_states, False
+
+
+def phrase_spans(ids: Sequence[int], seg_at: Sequence[int], phrase_ids: tuple[int, int]) -> list[tuple[int, int]]:
+    """Teacher-forced counterpart of `greedy_loop`'s phrase states: for each `[SEG]` position in
+    `ids`, the [start, end) positions of the tokens of the last `<p> … </p>` closed before it
+    ((p, p + 1), the `[SEG]` itself, where there is none)."""
+    opening, closing = phrase_ids
+    spans = []
+    for p in seg_at:
+        span = (p, p + 1)
+        closes = [i for i in range(p) if ids[i] == closing]
+        if closes:
+            opens = [i for i in range(closes[-1]) if ids[i] == opening]
+            if opens and closes[-1] > opens[-1] + 1:
+                span = (opens[-1] + 1, closes[-1])
+        spans.append(span)
+    return spans
 
 
 def greedy_generate(
@@ -175,6 +207,7 @@ def greedy_generate(
     seg_id: int,
     max_new_tokens: int,
     logits_processor: LogitsProcessor | None = None,
+    phrase_ids: tuple[int, int] | None = None,
 ) -> Generation:
     """Greedy decoding with the KV cache from a (1, L, H) embedded prompt.
 
@@ -195,12 +228,13 @@ def greedy_generate(
         return hidden, head(hidden)[0].float()
 
     first = head(out.last_hidden_state[:, -1])[0].float()
-    generated, seg_states, stopped = greedy_loop(
-        first, step, llm.get_input_embeddings(), stop_ids, seg_id, max_new_tokens, logits_processor
+    generated, seg_states, phrase_states, stopped = greedy_loop(
+        first, step, llm.get_input_embeddings(), stop_ids, seg_id, max_new_tokens, logits_processor, phrase_ids
     )
     hidden_size = inputs_embeds.shape[-1]
     seg_hidden = torch.stack(seg_states) if seg_states else inputs_embeds.new_zeros(0, hidden_size)
-    return Generation(generated, seg_hidden, stopped, inputs_embeds.shape[1], prompt_hidden)
+    phrase_hidden = torch.stack(phrase_states) if phrase_states else inputs_embeds.new_zeros(0, hidden_size)
+    return Generation(generated, seg_hidden, stopped, inputs_embeds.shape[1], prompt_hidden, phrase_hidden)
 
 
 def seg_hidden_states(input_ids: torch.Tensor, hidden: torch.Tensor, seg_id: int) -> torch.Tensor:

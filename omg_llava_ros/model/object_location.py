@@ -90,11 +90,13 @@ class ObjectLocation(nn.Module):
         object_hidden: torch.Tensor,
         centroids: torch.Tensor,
         areas: torch.Tensor | None = None,
+        phrase_hidden: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(N, n) scores: what the `[SEG]` state asks of each object token's state, plus a direction it
         reads from its phrase ("the topmost square") against each object's centroid (n, 2) in [0, 1];
         with relations also the weighted `relation_features` (`areas`: (n,) mask areas as fractions
-        of the grid, 0 for stuff)."""
+        of the grid, 0 for stuff), the anchor found from `phrase_hidden` (N, H), each `[SEG]`'s
+        phrase's mean state (None: the `[SEG]` state stands in)."""
         seg = seg_hidden.to(self.gate.dtype)
         k = self.object_key(object_hidden.to(self.gate.dtype))
         content = self.seg_query(seg) @ k.T / k.shape[-1] ** 0.5
@@ -103,14 +105,16 @@ class ObjectLocation(nn.Module):
             return scores
         if areas is None:
             raise ValueError("a pointer with relations needs the objects' areas")
-        features = relation_features(self.anchor_scores(seg, object_hidden).softmax(-1), centroids, areas)
+        phrase = seg if phrase_hidden is None else phrase_hidden.to(seg.dtype)
+        features = relation_features(self.anchor_scores(phrase, object_hidden).softmax(-1), centroids, areas)
         return scores + (self.relation(seg)[:, None, :] * features).sum(-1)
 
-    def anchor_scores(self, seg_hidden: torch.Tensor, object_hidden: torch.Tensor) -> torch.Tensor:
-        """(N, n) logits of which object token each `[SEG]` phrase's anchor is ("the star left of *the
-        red circle*"); trained towards the named anchor, meaningless for other forms."""
+    def anchor_scores(self, phrase_hidden: torch.Tensor, object_hidden: torch.Tensor) -> torch.Tensor:
+        """(N, n) logits of which object token each phrase's anchor is ("the star left of *the red
+        circle*") from the phrase's (N, H) mean state; trained towards the named anchor, meaningless
+        for other forms."""
         k = self.anchor_key(object_hidden.to(self.gate.dtype))
-        return self.anchor_query(seg_hidden.to(self.gate.dtype)) @ k.T / k.shape[-1] ** 0.5
+        return self.anchor_query(phrase_hidden.to(self.gate.dtype)) @ k.T / k.shape[-1] ** 0.5
 
 
 def relation_features(anchor: torch.Tensor, centroids: torch.Tensor, areas: torch.Tensor) -> torch.Tensor:

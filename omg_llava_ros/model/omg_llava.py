@@ -445,6 +445,7 @@ class OmgLlava(nn.Module):
             self.tokens.seg,
             max_new_tokens or self.config.max_new_tokens,
             logits_processor,
+            (self.tokens.phrase_start, self.tokens.phrase_end),
         )
         answer = self.tokenizer.decode(gen.token_ids, skip_special_tokens=False)
         turns[-1] = Turn(user=user, assistant=answer, prompts=prompts)
@@ -528,7 +529,8 @@ class OmgLlava(nn.Module):
         end = ids.index(IMAGE_PLACEHOLDER) + len(state.visual_tokens)
         objects = gen.prompt_hidden[end - len(centroids) : end]
         areas = state.prior.object_areas[0] if state.prior.object_areas is not None else None
-        pointed = self.object_location.point(gen.seg_hidden, objects, centroids, areas).argmax(-1)
+        pointed = self.object_location.point(gen.seg_hidden, objects, centroids, areas, gen.phrase_hidden)
+        pointed = pointed.argmax(-1)
         return centroids[pointed], state.prior.object_masks[0][pointed]
 
     def _decode_segs(

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from omg_llava_ros.model.chat_template import Turn, first_user_text, user_block
 from omg_llava_ros.model.config import OmgLlavaConfig, get_config
-from omg_llava_ros.model.language_model import add_special_tokens, train_tokenizer
+from omg_llava_ros.model.language_model import add_special_tokens, phrase_spans, train_tokenizer
 from omg_llava_ros.model.mask_refiner import FLOOR_LOGIT, crop_box, upsample
 from omg_llava_ros.model.omg_decoder import DecoderMemory, DecoderOutput, QueryConstraints, independent_query_sets
 from omg_llava_ros.model.omg_llava import IMAGE_PLACEHOLDER, OmgLlava
@@ -130,6 +130,16 @@ class TrainConfig:
     # the anchor's cross-entropy beside the pointer's (both times `location_weight`).
     point_relations: bool = True
     anchor_weight: float = 0.5
+    # Stage 6 (ours, `training.pointer_fit`): the pointer alone, fitted on `stage6_records` questions'
+    # recorded states (`stage6_per_form` of each form a scene offers, `stage6_pil_share` of the scenes
+    # drawn by the Pillow renderer) for `stage6_steps` of `stage6_batch` at `stage6_lr`.
+    stage6_records: int = 20000
+    stage6_per_form: dict = field(default_factory=lambda: {5: 4})
+    stage6_pil_share: float = 0.3
+    stage6_steps: int = 3000
+    stage6_batch: int = 64
+    stage6_lr: float = 1e-3
+    stage6_anchor_weight: float = 1.0
     # Tried in stage 4, off in the recipe (weight 0): an auxiliary loss on the object tokens,
     # `align_layer` decoder layers into the LLM, classifying them by shape and colour
     # (`object_alignment_loss`), against the input embeddings of the shape and colour words
@@ -215,7 +225,7 @@ def scalars(**terms: torch.Tensor) -> dict[str, float]:
 # Parts of `TrainConfig.budget_minutes` per stage: about the default recipe's split (perception,
 # then instruction tuning, carry the quality), without stage 3, whose counting and existence
 # questions stage 4's mix also asks.
-BUDGET_SHARES = {0: 0.45, 1: 0.03, 2: 0.40, 3: 0.0, 4: 0.08, 5: 0.04}
+BUDGET_SHARES = {0: 0.45, 1: 0.03, 2: 0.40, 3: 0.0, 4: 0.08, 5: 0.04, 6: 0.0}
 # A budgeted stage measures its pace from its PACE_FROM-th step on (the first ones are slow) and
 # fits its step count FIRST_FIT steps later, then again every REFIT_EVERY steps over all steps
 # measured: the 90-minute run's stage 0 went 2.45 s a step over its first steps and 2.1 on
@@ -551,6 +561,7 @@ class Sequence_:
     target_masks: list[np.ndarray]
     object_positions: list[int] = field(default_factory=list)  # where the object tokens sit in the row
     anchor_masks: list[np.ndarray | None] = field(default_factory=list)  # per [SEG]: a form-5 anchor's mask
+    phrase_spans: list[tuple[int, int]] = field(default_factory=list)  # per [SEG]: its phrase's positions
 
 
 def build_sequence(model: OmgLlava, vb: VisualBatch, i: int, samples) -> Sequence_:
@@ -588,6 +599,7 @@ def build_sequence(model: OmgLlava, vb: VisualBatch, i: int, samples) -> Sequenc
     seg_answer: list[int] = []
     masks: list[np.ndarray] = []
     anchors: list[np.ndarray | None] = []
+    spans: list[tuple[int, int]] = []
     start = n_prefix  # where this turn starts in the expanded row
     for k, ((body, n_answer), sample) in enumerate(zip(turns, samples, strict=True)):
         end = start + len(body)
@@ -600,6 +612,12 @@ def build_sequence(model: OmgLlava, vb: VisualBatch, i: int, samples) -> Sequenc
         answer_index[a - 1 : end - 1] = k
         segs = (torch.nonzero(answer == tokens.seg).flatten() + a).tolist()
         if len(segs) == len(sample.target_masks):
+            spans += [
+                (first + a, last + a)
+                for first, last in phrase_spans(
+                    answer.tolist(), [p - a for p in segs], (tokens.phrase_start, tokens.phrase_end)
+                )
+            ]
             seg_positions += segs
             seg_answer += [k] * len(segs)
             masks += list(sample.target_masks)
@@ -609,7 +627,7 @@ def build_sequence(model: OmgLlava, vb: VisualBatch, i: int, samples) -> Sequenc
     first_object = prefix.index(IMAGE_PLACEHOLDER) + shift + 1 - n_objects  # the image's last n tokens
     objects = list(range(first_object, first_object + n_objects))
     return Sequence_(
-        embeds, labels, answer_index, segments, positions, seg_positions, seg_answer, i, masks, objects, anchors
+        embeds, labels, answer_index, segments, positions, seg_positions, seg_answer, i, masks, objects, anchors, spans
     )
 
 
@@ -733,14 +751,15 @@ def location_loss(
         centroids = vb.prior.object_centroids[s.image_index]
         areas = vb.prior.object_areas[s.image_index] if vb.prior.object_areas is not None else None
         seg, objects = hidden[b, s.seg_positions], hidden[b, s.object_positions]
-        scores = head.point(seg, objects, centroids, areas)
+        phrase = torch.stack([hidden[b, first:last].mean(0) for first, last in s.phrase_spans])
+        scores = head.point(seg, objects, centroids, areas, phrase)
         total = total + F.cross_entropy(scores.float()[keep], best[keep], reduction="sum")
         count += int(keep.sum())
         named = [i for i, m in enumerate(s.anchor_masks) if m is not None]
         if head.relations and named:
             anchor, found = _best_tokens(masks, [s.anchor_masks[i] for i in named])
             if found.any():
-                logits = head.anchor_scores(seg[named], objects).float()[found]
+                logits = head.anchor_scores(phrase[named], objects).float()[found]
                 anchor_total = anchor_total + F.cross_entropy(logits, anchor[found], reduction="sum")
                 anchor_count += int(found.sum())
     return total / max(count, 1), anchor_total / max(anchor_count, 1)
@@ -1205,7 +1224,12 @@ def train(cfg: TrainConfig) -> OmgLlava:
             log.info("stage %d: no share of the %.0f-minute budget, skipped", stage, cfg.budget_minutes)
             continue
         start = resume if resume is not None and resume["stage"] == stage else None
-        run_stage(model, cfg, out, stage, start)
+        if stage == 6:
+            from omg_llava_ros.training import pointer_fit
+
+            pointer_fit.run_stage(model, cfg, out)
+        else:
+            run_stage(model, cfg, out, stage, start)
         resume = None
     log.info("training finished in %.1f min this run", (time.monotonic() - t0) / 60)
     return model
