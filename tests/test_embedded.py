@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from omg_llava_ros import OmgLlava
 from omg_llava_ros.model.omg_llava import EMBEDDED_DIR
@@ -156,3 +157,24 @@ def test_onnxruntime_gives_the_same_answers(embedded, tmp_path):
     finally:
         embedded.vision, embedded._cache = torch_vision, None
     assert np.mean(ious) >= 0.99
+
+
+def test_a_seg_mask_mostly_outside_the_chosen_object_becomes_that_object(embedded):
+    """Whatever a `[SEG]` query decodes, once the pointer has chosen an object the mask returned is
+    mostly that object (re-decoded inside it, or its own mask where that still fails)."""
+    from omg_llava_ros.toyworld import render, sample_scene
+
+    rng = np.random.default_rng(77)
+    rendered = render(sample_scene(rng, num_objects=4), rng=rng)
+    state = embedded.set_image(rendered.image, perception=True)
+    regions = state.prior.object_masks[0]
+    points = state.prior.object_centroids[0]
+    assert len(regions) >= 2
+    width = embedded.config.decoder.hidden_dim
+    queries = torch.randn(len(regions), 2, width, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        segments = embedded._masks_for_queries(queries, state, points, regions)
+        chosen = embedded._logits_to_image(regions.float(), state) > 0
+    for segment, mask in zip(segments, chosen.cpu().numpy(), strict=True):
+        overlap = np.logical_and(segment.mask, mask).sum() / np.logical_or(segment.mask, mask).sum()
+        assert overlap >= 0.5

@@ -39,7 +39,7 @@ def test_a_record_holds_the_states_the_pointer_reads_when_the_model_answers(rela
     target, expression = next(
         (t, e) for t in range(len(rendered.objects)) for e in enumerate_expressions(rendered, t) if e.form == 5
     )
-    records = pointer_fit.record_scene(related, rendered, np.random.default_rng(0), {5: 50})
+    records = pointer_fit.record_scene(related, rendered, np.random.default_rng(0), {"5": 50})  # as TOML gives it
     assert {r.form for r in records} >= {1, 5}
     fives = [r for r in records if r.form == 5]
     assert len(fives) == sum(

@@ -568,7 +568,8 @@ class OmgLlava(nn.Module):
         """(N, 2, C) independent single queries → Segments at the input size. With `points` (N, 2),
         (x, y) in [0, 1] of the model input, each mask keeps only its component nearest its point;
         with `regions` (N, h, w) mask logits of where each query's object is, a query whose mask
-        misses its region is decoded again attending only there (as a mask prompt does)."""
+        is mostly elsewhere (IoU < 0.5 with its region) is decoded again attending only there (as a
+        mask prompt does)."""
         # [SEG] and follow queries use the decoder copy of finetuned_refseg/gcg where the model has one
         # (the flag is passed only then, so backends without a copy keep their signature).
         extra = {"seg_decoder": True} if self.config.decoder.llm_decoder_copy else {}
@@ -578,15 +579,28 @@ class OmgLlava(nn.Module):
             logits = keep_component_nearest(logits, points)
         if regions is not None:
             inside = regions >= 0
-            missed = torch.nonzero(~((logits >= 0) & inside).flatten(1).any(1) & inside.flatten(1).any(1)).flatten()
+            # Mostly elsewhere (IoU < 0.5 with the object the pointer chose): the query found another
+            # object, a piece of it, or the chosen one merged with a neighbour.
+            missed = torch.nonzero(_mostly_outside(logits >= 0, inside)).flatten()
             if len(missed):
                 constraints = region_constraints(inside[missed], state.memory.level_shapes)
                 again = self.vision.decode(
                     queries[missed, None, 0], queries[missed, None, 1], state.memory, constraints, **extra
                 ).mask_logits[-1][:, 0]
+                again = keep_component_nearest(again, points[missed]) if points is not None else again
+                # Still mostly outside (a query for a small circle inside a large one lights a part of
+                # it): the chosen object's own panoptic mask.
+                still = _mostly_outside(again >= 0, inside[missed])
+                again = torch.where(still[:, None, None], regions[missed].to(again.dtype), again)
                 logits = logits.clone()
-                logits[missed] = keep_component_nearest(again, points[missed]) if points is not None else again
+                logits[missed] = again
         logits = self._logits_to_image(logits, state)
+        if regions is not None:
+            # The refiner can shrink a faint mask to a sliver of its object: judged at the output, a
+            # mask still mostly outside the chosen object gives way to that object's own mask.
+            chosen = self._logits_to_image(regions.to(logits.dtype), state)
+            still = _mostly_outside(logits > 0, chosen > 0)
+            logits = torch.where(still[:, None, None], chosen, logits)
         segments = []
         for i in range(len(queries)):
             segments.append(Segment(None, *_mask_and_score(logits[i]), query=queries[i].detach().cpu()))
@@ -714,3 +728,11 @@ def _load_vision_state(model: OmgLlava, state: dict[str, Any]) -> tuple[list[str
     if not missing and not unexpected:
         model.load_state_dict(state, strict=False, assign=True)
     return missing, unexpected
+
+
+def _mostly_outside(masks: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+    """(N, h, w) bool masks and regions → (N,) whether each mask has IoU < 0.5 with its (non-empty)
+    region."""
+    overlap = (masks & regions).flatten(1).sum(1)
+    union = (masks | regions).flatten(1).sum(1)
+    return (2 * overlap < union) & regions.flatten(1).any(1)

@@ -84,10 +84,11 @@ def record_scene(
     areas = mask_areas(logits.float(), things)
     token_masks = logits >= 0
     named = [(t, e) for t in range(len(rendered.objects)) for e in enumerate_expressions(rendered, t)]
+    wanted = {int(form): int(count) for form, count in (per_form or {}).items()}  # TOML keys are strings
     records = []
     for form in sorted({e.form for _, e in named}):
         pool = [(t, e) for t, e in named if e.form == form]
-        count = min(len(pool), (per_form or {}).get(form, 1))
+        count = min(len(pool), wanted.get(form, 1))
         for pick in rng.choice(len(pool), size=count, replace=False):
             target, expression = pool[int(pick)]
             records += _record_question(model, state, rendered, target, expression, rng, token_masks, areas)
@@ -248,6 +249,8 @@ def fit(
         opt.step()
         if step % 100 == 0:
             losses.append(float(loss.detach()))
+        if step % 500 == 0:
+            log.info("stage 6: step %d of %d, loss %.4f", step, steps, float(loss.detach()))
     head.eval()
     head.requires_grad_(False)
     return losses
