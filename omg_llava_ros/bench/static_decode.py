@@ -75,6 +75,7 @@ class StaticCacheGenerator:
         seg_id: int,
         max_new_tokens: int,
         logits_processor: LogitsProcessor | None = None,
+        phrase_ids: tuple[int, int] | None = None,
     ) -> Generation:
         if llm is not self.llm:
             raise ValueError("this generator was built for another language model")
@@ -87,7 +88,7 @@ class StaticCacheGenerator:
         # The LLM runs in its own dtype even inside a (vision) autocast region: autocast would give
         # the cache keys and values different dtypes on an fp32 model.
         with torch.autocast(inputs_embeds.device.type, enabled=False):
-            return self._generate(inputs_embeds, stop_ids, seg_id, max_new_tokens, logits_processor)
+            return self._generate(inputs_embeds, stop_ids, seg_id, max_new_tokens, logits_processor, phrase_ids)
 
     def _generate(
         self,
@@ -96,6 +97,7 @@ class StaticCacheGenerator:
         seg_id: int,
         max_new_tokens: int,
         logits_processor: LogitsProcessor | None,
+        phrase_ids: tuple[int, int] | None,
     ) -> Generation:
         length = inputs_embeds.shape[1]
 
@@ -111,11 +113,13 @@ class StaticCacheGenerator:
                 torch.compiler.cudagraph_mark_step_begin()
             return self._timed(lambda: self.step(token_embeds), 1)
 
-        generated, seg_states, _, stopped = greedy_loop(
-            logits, step, self.embed, stop_ids, seg_id, max_new_tokens, logits_processor
+        generated, seg_states, phrase_states, stopped = greedy_loop(
+            logits, step, self.embed, stop_ids, seg_id, max_new_tokens, logits_processor, phrase_ids
         )
-        seg_hidden = torch.stack(seg_states) if seg_states else inputs_embeds.new_zeros(0, inputs_embeds.shape[-1])
-        return Generation(generated, seg_hidden, stopped, prompt_length=length)
+        empty = inputs_embeds.new_zeros(0, inputs_embeds.shape[-1])
+        seg_hidden = torch.stack(seg_states) if seg_states else empty
+        phrase_hidden = torch.stack(phrase_states) if phrase_states else empty
+        return Generation(generated, seg_hidden, stopped, prompt_length=length, phrase_hidden=phrase_hidden)
 
 
 @contextmanager
