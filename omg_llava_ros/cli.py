@@ -99,7 +99,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     import torch
 
-    from omg_llava_ros.training.trainer import TrainConfig, train
+    from omg_llava_ros.training.config import TrainConfig
+    from omg_llava_ros.training.trainer import train
 
     logging.getLogger().setLevel(logging.INFO)
     steps = {f"stage{i}_steps": getattr(args, f"stage{i}_steps") for i in range(6)}

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -30,9 +32,9 @@ def rng():
 @pytest.fixture(scope="module")
 def perception_setup(tmp_path_factory):
     """An untrained embedded-config model for the training steps (one per test module) and its config."""
-    from omg_llava_ros.training import trainer
+    from omg_llava_ros.training import checkpoints, config
 
-    cfg = trainer.TrainConfig(out_dir=str(tmp_path_factory.mktemp("train")), bf16=False)
+    cfg = config.TrainConfig(out_dir=str(tmp_path_factory.mktemp("train")), bf16=False)
     torch.manual_seed(0)
-    model = trainer.build_model(cfg, trainer.Path(cfg.out_dir))
+    model = checkpoints.build_model(cfg, Path(cfg.out_dir))
     return cfg, model

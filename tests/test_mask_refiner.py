@@ -3,6 +3,8 @@ in stage 5."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ import torch.nn.functional as F
 from omg_llava_ros.model.config import get_config
 from omg_llava_ros.model.mask_refiner import MARGIN, MaskRefiner
 from omg_llava_ros.model.omg_llava import OmgLlava
-from omg_llava_ros.training import data, trainer
+from omg_llava_ros.training import data, refiner_stage
 
 
 def _blob_logits(side: int = 16) -> torch.Tensor:
@@ -79,7 +81,7 @@ def test_refiner_crops_stay_within_the_crop_size():
     logits[0] = 5.0  # a mask over everything: cut to a window
     logits[1, 2:4, 2:4] = 5.0  # a small one near the corner: whole, clipped at the image border
     gt = torch.zeros(2, 64, 64)
-    up, out, target = trainer.refiner_crops(refiner, logits, features, gt, 20, np.random.default_rng(0))
+    up, out, target = refiner_stage.refiner_crops(refiner, logits, features, gt, 20, np.random.default_rng(0))
     assert up.shape == out.shape == target.shape
     small = (16 + MARGIN) ** 2  # rows and columns 0 .. 15 + MARGIN of the upsampled blob's box
     assert len(up) <= 20 * 20 + small
@@ -87,17 +89,17 @@ def test_refiner_crops_stay_within_the_crop_size():
 
 def test_stage5_trains_the_refiner_and_nothing_else(perception_setup):
     cfg, model = perception_setup
-    cfg = trainer.replace(cfg, stage5_crop=48)
+    cfg = dataclasses.replace(cfg, stage5_crop=48)
     rng = np.random.default_rng(5)
     batch = data.perception_batch(rng, 2, 256, model.config.decoder.class_names, prompts_per_image=1)
-    params = trainer.refiner_parameters(model)
+    params = refiner_stage.refiner_parameters(model)
     for p in params:
         p.requires_grad_(True)
     frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("mask_refiner.")}
     opt = torch.optim.AdamW(params, lr=3e-3)
     losses = []
     for _ in range(6):
-        stats = trainer.stage5_step(model, batch, cfg, np.random.default_rng(0))
+        stats = refiner_stage.stage5_step(model, batch, cfg, np.random.default_rng(0))
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(stats)
@@ -112,4 +114,4 @@ def test_stage5_trains_the_refiner_and_nothing_else(perception_setup):
 
 def test_stage5_needs_a_model_with_a_refiner():
     with pytest.raises(ValueError, match="no|none"):
-        trainer.refiner_parameters(OmgLlava.from_config("tiny"))
+        refiner_stage.refiner_parameters(OmgLlava.from_config("tiny"))

@@ -87,7 +87,7 @@ def test_the_direction_term_tells_two_objects_alike_apart_by_place():
 def test_the_location_loss_points_each_seg_at_the_object_token_of_its_target():
     from types import SimpleNamespace
 
-    from omg_llava_ros.training.trainer import location_loss
+    from omg_llava_ros.training.instruction_losses import location_loss
 
     hidden_size = 8
     location = ObjectLocation(4, hidden_size)
@@ -121,7 +121,7 @@ def test_the_location_loss_points_each_seg_at_the_object_token_of_its_target():
 def test_the_anchor_loss_points_a_relation_at_its_anchor_token():
     from types import SimpleNamespace
 
-    from omg_llava_ros.training.trainer import location_loss
+    from omg_llava_ros.training.instruction_losses import location_loss
 
     location = ObjectLocation(4, 8, relations=True)
     left, right = square_logits([(2, 2, 10, 10)]), square_logits([(20, 2, 28, 10)])

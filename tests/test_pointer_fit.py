@@ -12,7 +12,7 @@ from omg_llava_ros import OmgLlava
 from omg_llava_ros.model.omg_llava import IMAGE_PLACEHOLDER
 from omg_llava_ros.toyworld.conversations import REFERRING_TEMPLATES
 from omg_llava_ros.toyworld.referring import enumerate_expressions
-from omg_llava_ros.training import pointer_fit, trainer
+from omg_llava_ros.training import checkpoints, config, pointer_fit, trainer
 from omg_llava_ros.training.evaluate import _scene
 
 
@@ -20,8 +20,8 @@ from omg_llava_ros.training.evaluate import _scene
 def related(tmp_path_factory):
     """The shipped model as stage 6 starts from it: its pointer with relations."""
     out = tmp_path_factory.mktemp("stage6")
-    cfg = trainer.TrainConfig(out_dir=str(out), init_from="embedded", point_relations=True)
-    return trainer.build_model(cfg, out)
+    cfg = config.TrainConfig(out_dir=str(out), init_from="embedded", point_relations=True)
+    return checkpoints.build_model(cfg, out)
 
 
 def _scene_with_forms(seed: int, forms: set[int]):
@@ -137,7 +137,7 @@ def test_fitting_refuses_records_with_no_target():
 
 def test_stage6_records_fits_saves_and_then_is_done(tmp_path, monkeypatch):
     monkeypatch.setattr(pointer_fit, "RECORDS_PER_FILE", 6)
-    cfg = trainer.TrainConfig(
+    cfg = config.TrainConfig(
         out_dir=str(tmp_path),
         init_from="embedded",
         stages=(6,),

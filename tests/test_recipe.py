@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from omg_llava_ros.training import data, recipe, trainer
+from omg_llava_ros.training import config, data, recipe, trainer
 
 SHIPPED = Path(recipe.__file__).parent / "recipes" / "embedded.toml"
 
@@ -57,7 +57,7 @@ def test_a_bad_recipe_is_refused_with_its_file_and_problem(tmp_path, text, probl
 def test_runs_chain_skip_when_done_and_refuse_a_missing_start(tmp_path, monkeypatch):
     path = tmp_path / "r.toml"
     path.write_text('[[run]]\nname = "a"\nstages = [1]\n[[run]]\nname = "b"\ninit_from = "a"\nstages = [4]\n')
-    trained: list[trainer.TrainConfig] = []
+    trained: list[config.TrainConfig] = []
 
     class Saved:
         def save_pretrained(self, folder, dtype=None):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -9,7 +10,20 @@ import numpy as np
 import pytest
 import torch
 
-from omg_llava_ros.training import data, trainer
+from omg_llava_ros.training import (
+    checkpoints,
+    config,
+    data,
+    instruction_losses,
+    instruction_stage,
+    losses,
+    model_inputs,
+    perception_stage,
+    schedule,
+    sequences,
+    stages,
+    trainer,
+)
 from omg_llava_ros.training.losses import hungarian_match, set_criterion
 
 
@@ -53,7 +67,7 @@ def test_set_criterion_prefers_the_right_classes():
 def test_semantic_targets_are_per_pixel_class_distributions():
     gt = _square_masks(2, side=4)
     targets = [(torch.tensor([2, 0]), gt * 0.5), (torch.tensor([1]), gt[:1])]
-    out = trainer.semantic_targets(targets, num_classes=3)
+    out = perception_stage.semantic_targets(targets, num_classes=3)
     assert out.shape == (2, 3, 16)
     covered = gt[0] > 0
     assert torch.allclose(out[0, 2, covered], torch.ones(int(covered.sum())))  # normalised, whatever the mass
@@ -71,11 +85,11 @@ def test_semantic_loss_weights_objects_above_the_table():
     good[0, :, 0, 0] = torch.tensor([5.0, 0.0, 0.0])
     all_table = torch.zeros(1, 3, 2, 2)
     all_table[0, 2] = 5
-    loss_good = trainer.semantic_loss(good, targets)
-    loss_table = trainer.semantic_loss(all_table, targets)
+    loss_good = perception_stage.semantic_loss(good, targets)
+    loss_table = perception_stage.semantic_loss(all_table, targets)
     assert loss_good < 0.05
     # The one object pixel outweighs the three table pixels: calling it table costs most of the loss.
-    assert loss_table > 2 * trainer.semantic_loss(all_table, targets, background_weight=1.0)
+    assert loss_table > 2 * perception_stage.semantic_loss(all_table, targets, background_weight=1.0)
 
 
 def test_prompts_decoded_beside_the_panoptic_queries_match_each_decoded_alone():
@@ -89,10 +103,12 @@ def test_prompts_decoded_beside_the_panoptic_queries_match_each_decoded_alone():
     batch = data.perception_batch(rng, 3, 256, dec.config.class_names, prompts_per_image=2)
     batch.prompts = batch.prompts[1:]  # images with 1 and 2 prompts: unused slots in the joint pass
     with torch.no_grad():
-        memory = dec.encode_memory(model.image_encoder(trainer.pixels_of(model, batch.images)))
-        joint, prompt_masks = trainer.decode_with_prompts(model, memory, batch.prompts, class_per_layer=True)
+        memory = dec.encode_memory(model.image_encoder(model_inputs.pixels_of(model, batch.images)))
+        joint, prompt_masks = perception_stage.decode_with_prompts(model, memory, batch.prompts, class_per_layer=True)
         # Inference's layout: the panoptic queries alone, each prompt a batch row over its image's memory.
-        alone, single = trainer.decode_with_prompts(model, memory, batch.prompts, joint=False, class_per_layer=True)
+        alone, single = perception_stage.decode_with_prompts(
+            model, memory, batch.prompts, joint=False, class_per_layer=True
+        )
     assert len(joint.mask_logits) == len(alone.mask_logits) == len(prompt_masks) == len(single)
     for a, b in zip(joint.mask_logits + prompt_masks, alone.mask_logits + single, strict=True):
         assert a.shape == b.shape
@@ -109,12 +125,12 @@ def test_prompts_decoded_beside_the_panoptic_queries_match_each_decoded_alone():
 def test_a_stage0_step_with_joint_prompts_gives_the_gradients_of_separate_ones(perception_setup):
     cfg, model = perception_setup
     batch = data.perception_batch(np.random.default_rng(5), 2, 256, model.config.decoder.class_names, 2)
-    params = trainer.perception_parameters(model)
+    params = perception_stage.perception_parameters(model)
     grads = []
     for joint in (True, False):
         for p in params:
             p.requires_grad_(True)
-        stats = trainer.stage0_step(model, batch, cfg, joint_prompts=joint)
+        stats = perception_stage.stage0_step(model, batch, cfg, joint_prompts=joint)
         grads.append((stats, [None if p.grad is None else p.grad.clone() for p in params]))
         for p in params:
             p.grad = None
@@ -135,15 +151,15 @@ def test_stage0_steps_lower_the_loss_on_a_fixed_batch(perception_setup):
     rng = np.random.default_rng(3)
     batch = data.perception_batch(rng, 2, 256, model.config.decoder.class_names, prompts_per_image=1)
     d = model.config.decoder
-    semantic = trainer.SemanticHead(d.hidden_dim, d.num_classes)
-    params = trainer.perception_parameters(model) + list(semantic.parameters())
+    semantic = perception_stage.SemanticHead(d.hidden_dim, d.num_classes)
+    params = perception_stage.perception_parameters(model) + list(semantic.parameters())
     for p in params:
         p.requires_grad_(True)  # the model is built frozen; run_stage unfreezes what a stage trains
     opt = torch.optim.AdamW(params, lr=3e-4)
     model.train()
     losses = []
     for _ in range(6):
-        stats = trainer.stage0_step(model, batch, cfg, semantic)
+        stats = perception_stage.stage0_step(model, batch, cfg, semantic)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -155,7 +171,7 @@ def test_stage0_steps_lower_the_loss_on_a_fixed_batch(perception_setup):
 
 
 def test_stage0_resumes_from_its_checkpoint(tmp_path):
-    cfg = trainer.TrainConfig(out_dir=str(tmp_path), stage0_steps=2, stage0_batch=1, stages=(0,), bf16=False, threads=1)
+    cfg = config.TrainConfig(out_dir=str(tmp_path), stage0_steps=2, stage0_batch=1, stages=(0,), bf16=False, threads=1)
     trainer.train(cfg)
     done = json.loads((tmp_path / "stage0" / "DONE").read_text())
     assert done["steps"] == 2
@@ -163,7 +179,7 @@ def test_stage0_resumes_from_its_checkpoint(tmp_path):
     first = (tmp_path / "stage0" / "model.safetensors").read_bytes()
     # More steps on the same directory: picks up at step 2, does 1 more, keeps the old tokenizer.
     (tmp_path / "stage0" / "DONE").unlink()
-    trainer.train(trainer.TrainConfig(**{**cfg.__dict__, "stage0_steps": 3}))
+    trainer.train(config.TrainConfig(**{**cfg.__dict__, "stage0_steps": 3}))
     assert json.loads((tmp_path / "stage0" / "progress.json").read_text())["step"] == 3
     assert (tmp_path / "stage0" / "model.safetensors").read_bytes() != first
 
@@ -177,17 +193,19 @@ def test_a_budgeted_run_fits_each_stage_to_its_share_of_the_minutes(tmp_path, mo
         now[0] += 2.0
         return {"loss": 0.0}
 
-    monkeypatch.setattr(trainer, "time", SimpleNamespace(monotonic=lambda: now[0]))
-    monkeypatch.setattr(trainer, "stage0_step", step)
-    monkeypatch.setattr(trainer.data, "perception_batch", lambda *args: None)  # no scenes needed
-    share = trainer.BUDGET_SHARES[0]
-    cfg = trainer.TrainConfig(
+    clock = SimpleNamespace(monotonic=lambda: now[0])
+    monkeypatch.setattr(trainer, "time", clock)
+    monkeypatch.setattr(schedule, "time", clock)
+    monkeypatch.setattr(stages, "stage0_step", step)
+    monkeypatch.setattr(data, "perception_batch", lambda *args: None)  # no scenes needed
+    share = schedule.BUDGET_SHARES[0]
+    cfg = config.TrainConfig(
         out_dir=str(tmp_path), stage0_batch=1, stages=(0, 3), bf16=False, threads=1, budget_minutes=80 / 60 / share
     )
     trainer.train(cfg)
     assert json.loads((tmp_path / "stage0" / "DONE").read_text())["steps"] == 40  # 80 s at 2 s a step
     assert json.loads((tmp_path / "stage0" / "progress.json").read_text())["total"] == 40
-    assert not (tmp_path / "stage3").exists() and trainer.BUDGET_SHARES[3] == 0
+    assert not (tmp_path / "stage3").exists() and schedule.BUDGET_SHARES[3] == 0
     # A stage that speeds up after its first steps (3 s a step, then 1 s) refits its count as it
     # goes, and so uses its time rather than the first estimate's share of it.
     now[0], seconds = 0.0, iter([3.0] * 30 + [1.0] * 1000)
@@ -196,36 +214,36 @@ def test_a_budgeted_run_fits_each_stage_to_its_share_of_the_minutes(tmp_path, mo
         now[0] += next(seconds)
         return {"loss": 0.0}
 
-    monkeypatch.setattr(trainer, "stage0_step", uneven)
-    cfg = trainer.TrainConfig(
+    monkeypatch.setattr(stages, "stage0_step", uneven)
+    cfg = config.TrainConfig(
         **{**cfg.__dict__, "out_dir": str(tmp_path / "uneven"), "budget_minutes": 400 / 60 / share}
     )
     trainer.train(cfg)
     done = json.loads((tmp_path / "uneven" / "stage0" / "DONE").read_text())
     assert 0.9 * 400 <= done["minutes"] * 60 <= 400 and done["steps"] > 300  # one early fit: 133 steps
     # Never more than the configured steps, never fewer than already run.
-    assert trainer.budgeted_steps(25, 50.0, 2.0, 100 / 60, most=30) == 30
-    assert trainer.budgeted_steps(25, 60.0, 2.0, 0.5, most=1000) == 25
-    assert trainer.stage_lr(cfg, 0, 399, total=400) == pytest.approx(0.05 * cfg.stage0_lr, rel=0.05)
+    assert schedule.budgeted_steps(25, 50.0, 2.0, 100 / 60, most=30) == 30
+    assert schedule.budgeted_steps(25, 60.0, 2.0, 0.5, most=1000) == 25
+    assert schedule.stage_lr(cfg, 0, 399, total=400) == pytest.approx(0.05 * cfg.stage0_lr, rel=0.05)
 
 
 def test_bf16_autocast_only_where_the_cpu_has_native_bf16_unless_told(monkeypatch):
-    def enabled(cfg: trainer.TrainConfig) -> bool:
-        with trainer.autocast(cfg):
+    def enabled(cfg: config.TrainConfig) -> bool:
+        with config.autocast(cfg):
             return torch.is_autocast_enabled("cpu")
 
     for native in (False, True):
-        monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda native=native: native)
-        assert enabled(trainer.TrainConfig()) is native  # default: decided by the CPU
-        assert enabled(trainer.TrainConfig(bf16=True)) is True
-        assert enabled(trainer.TrainConfig(bf16=False)) is False
+        monkeypatch.setattr(config, "cpu_has_native_bf16", lambda native=native: native)
+        assert enabled(config.TrainConfig()) is native  # default: decided by the CPU
+        assert enabled(config.TrainConfig(bf16=True)) is True
+        assert enabled(config.TrainConfig(bf16=False)) is False
 
 
 def test_stage0_restarts_its_cosine_schedule_at_each_restart():
-    cfg = trainer.TrainConfig(stage0_steps=1000, stage0_lr=3e-4, stage0_restarts=((800, 5e-5), (600, 1e-4)))
-    first = [trainer.stage_lr(cfg, 0, s) for s in range(600)]
-    second = [trainer.stage_lr(cfg, 0, s) for s in range(600, 800)]
-    third = [trainer.stage_lr(cfg, 0, s) for s in range(800, 1000)]
+    cfg = config.TrainConfig(stage0_steps=1000, stage0_lr=3e-4, stage0_restarts=((800, 5e-5), (600, 1e-4)))
+    first = [schedule.stage_lr(cfg, 0, s) for s in range(600)]
+    second = [schedule.stage_lr(cfg, 0, s) for s in range(600, 800)]
+    third = [schedule.stage_lr(cfg, 0, s) for s in range(800, 1000)]
     # Restarts are taken in step order whatever order they are given in, each from its own peak.
     assert max(first) == pytest.approx(3e-4, rel=0.02)
     assert max(second) == pytest.approx(1e-4, rel=0.05)
@@ -236,11 +254,11 @@ def test_stage0_restarts_its_cosine_schedule_at_each_restart():
         assert cycle[-1] == pytest.approx(0.05 * peak, rel=0.1)
     assert all(a >= b for a, b in zip(second[50:-1], second[51:], strict=True))
     # Restarts at or past the end (e.g. a short `--stage0-steps`) are dropped; other stages have one cycle.
-    short = trainer.TrainConfig(stage0_steps=300, stage0_restarts=((600, 1e-4),))
-    assert trainer.stage_lr(short, 0, 299) == pytest.approx(trainer.cosine_lr(299, 300, short.stage0_lr))
-    assert trainer.stage_lr(cfg, 2, 700) == pytest.approx(trainer.cosine_lr(700, cfg.stage2_steps, cfg.stage2_lr))
-    none = trainer.TrainConfig(stage0_steps=500, stage0_restarts=())
-    assert trainer.stage_lr(none, 0, 400) == pytest.approx(trainer.cosine_lr(400, 500, none.stage0_lr))
+    short = config.TrainConfig(stage0_steps=300, stage0_restarts=((600, 1e-4),))
+    assert schedule.stage_lr(short, 0, 299) == pytest.approx(schedule.cosine_lr(299, 300, short.stage0_lr))
+    assert schedule.stage_lr(cfg, 2, 700) == pytest.approx(schedule.cosine_lr(700, cfg.stage2_steps, cfg.stage2_lr))
+    none = config.TrainConfig(stage0_steps=500, stage0_restarts=())
+    assert schedule.stage_lr(none, 0, 400) == pytest.approx(schedule.cosine_lr(400, 500, none.stage0_lr))
 
 
 def test_conversations_share_scenes_and_each_scene_is_perceived_once():
@@ -261,7 +279,7 @@ def test_conversation_batch_follows_the_task_weights():
     only = data.conversation_batch(rng, 8, 64, weights={"existence": 1.0, "counting": 0.0})
     assert {c.sample.task for c in only} == {"existence"}
     # The stage-3 mix: counting and existence are most of the questions, every other task still comes.
-    mix = trainer.TrainConfig().stage3_task_weights
+    mix = config.TrainConfig().stage3_task_weights
     assert set(mix) == set(data.TASK_WEIGHTS)
     assert (mix["counting"] + mix["existence"]) / sum(mix.values()) > 0.5
     assert min(mix.values()) > 0
@@ -296,7 +314,7 @@ def test_confusable_pairs_mix_colours_and_shapes_of_different_objects():
 def test_stage4_existence_negatives_are_mostly_colour_only_or_confusable():
     """Stage 4's "no" questions: about 40% a colour on the table with a shape that is not, 40%
     confusable, the rest uniform; the answers stay the world's."""
-    negatives = trainer.TrainConfig().stage4_existence
+    negatives = config.TrainConfig().stage4_existence
     rng = np.random.default_rng(7)
     batch = data.conversation_batch(rng, 400, 64, weights={"existence": 1.0}, negatives=negatives)
     kinds = {"colour_only": 0, "confusable": 0, "other": 0}
@@ -440,15 +458,15 @@ def test_answer_loss_weighs_each_answer_equally():
     labels[1, :5] = 3  # long answer, predicted well
     logits[1, :5, 3] = 20.0
     short = torch.log(torch.tensor(float(vocab)))
-    sample = trainer.answer_loss(logits, labels, "sample")
-    token = trainer.answer_loss(logits, labels, "token")
+    sample = instruction_losses.answer_loss(logits, labels, "sample")
+    token = instruction_losses.answer_loss(logits, labels, "token")
     assert torch.isclose(sample, short / 2, atol=1e-4)
     assert torch.isclose(token, short / 6, atol=1e-4)
     # A row without answer tokens (all -100) is left out of the mean, not counted as zero.
     padded = torch.cat([labels, torch.full((1, 6), -100)])
-    assert torch.isclose(trainer.answer_loss(torch.cat([logits, torch.zeros(1, 6, vocab)]), padded), sample)
+    assert torch.isclose(instruction_losses.answer_loss(torch.cat([logits, torch.zeros(1, 6, vocab)]), padded), sample)
     with pytest.raises(ValueError, match="text_loss"):
-        trainer.answer_loss(logits, labels, "mean")
+        instruction_losses.answer_loss(logits, labels, "mean")
 
 
 def test_answer_loss_with_several_answers_per_row_matches_one_answer_per_row():
@@ -460,14 +478,14 @@ def test_answer_loss_with_several_answers_per_row_matches_one_answer_per_row():
     groups = torch.full((1, 8), -1)
     labels[0, 1], groups[0, 1] = 3, 0  # a one-token answer
     labels[0, 4:8], groups[0, 4:8] = torch.tensor([1, 2, 5, 6]), 1  # a four-token answer
-    packed = trainer.answer_loss(logits, labels, "sample", groups)
+    packed = instruction_losses.answer_loss(logits, labels, "sample", groups)
     split_labels = torch.full((2, 8), -100)
     split_labels[0, 1] = 3
     split_labels[1, 4:8] = torch.tensor([1, 2, 5, 6])
-    split = trainer.answer_loss(logits.expand(2, -1, -1), split_labels, "sample")
+    split = instruction_losses.answer_loss(logits.expand(2, -1, -1), split_labels, "sample")
     assert torch.isclose(packed, split, atol=1e-5)
     # Without groups the row is one answer: the long answer's tokens then outweigh the short one.
-    assert not torch.isclose(trainer.answer_loss(logits, labels, "sample"), packed)
+    assert not torch.isclose(instruction_losses.answer_loss(logits, labels, "sample"), packed)
 
 
 def _mixed_scene(model, tasks=("referring_segmentation", "region_caption", "grounded_caption", "counting")):
@@ -479,7 +497,7 @@ def _mixed_scene(model, tasks=("referring_segmentation", "region_caption", "grou
     while len(rendered.objects) < 3:
         rendered = data.random_scene(rng, 256)
     samples = [sample_conversation(rng, rendered, task, ref_mode="any") for task in tasks]
-    return samples, trainer.perceive_batch(model, [rendered.image])
+    return samples, sequences.perceive_batch(model, [rendered.image])
 
 
 def test_questions_about_a_scene_share_the_image_and_see_nothing_of_each_other(perception_setup):
@@ -487,9 +505,9 @@ def test_questions_about_a_scene_share_the_image_and_see_nothing_of_each_other(p
     samples, vb = _mixed_scene(model)
     tok, tokens = model.tokenizer, model.tokens
     with torch.no_grad():
-        packed = trainer.build_sequence(model, vb, 0, samples)
-        alone = [trainer.build_sequence(model, vb, 0, s) for s in samples]
-        hidden, labels, groups = trainer.run_llm(model, [packed, *alone])
+        packed = sequences.build_sequence(model, vb, 0, samples)
+        alone = [sequences.build_sequence(model, vb, 0, s) for s in samples]
+        hidden, labels, groups = sequences.run_llm(model, [packed, *alone])
     n_prefix = int((packed.segments == -1).sum())
     assert packed.embeds.shape[0] == n_prefix + sum(a.embeds.shape[0] - n_prefix for a in alone)
     # Each question's hidden states, labels and [SEG] positions are those of its sequence alone
@@ -514,8 +532,8 @@ def test_questions_about_a_scene_share_the_image_and_see_nothing_of_each_other(p
     # The per-answer loss of the packed row equals that of the separate rows.
     logits = model.llm.get_output_embeddings()(hidden).float()
     assert torch.isclose(
-        trainer.answer_loss(logits[:1], labels[:1], "sample", groups[:1]),
-        trainer.answer_loss(logits[1:], labels[1:], "sample", groups[1:]),
+        instruction_losses.answer_loss(logits[:1], labels[:1], "sample", groups[:1]),
+        instruction_losses.answer_loss(logits[1:], labels[1:], "sample", groups[1:]),
         atol=1e-4,
     )
 
@@ -525,23 +543,23 @@ def test_pack_turns_keeps_order_and_the_text_budget(perception_setup):
     samples, _ = _mixed_scene(model, ("caption", "grounded_caption", "counting", "existence", "caption", "attribute"))
     keys = list(range(len(samples)))
     sizes = [len(model.tokenizer.encode(s.question + s.answer)) for s in samples]
-    groups = trainer.pack_turns(model, samples, keys, budget=3 * max(sizes) + 20)
+    groups = sequences.pack_turns(model, samples, keys, budget=3 * max(sizes) + 20)
     assert [k for g in groups for k in g] == keys
     assert 1 < len(groups) < len(samples)
-    assert trainer.pack_turns(model, samples, keys, budget=10_000) == [keys]
-    assert trainer.pack_turns(model, samples, keys, budget=1) == [[k] for k in keys]
+    assert sequences.pack_turns(model, samples, keys, budget=10_000) == [keys]
+    assert sequences.pack_turns(model, samples, keys, budget=1) == [[k] for k in keys]
 
 
 def test_stage2_step_trains_the_llm_side_on_packed_conversations(perception_setup):
     cfg, model = perception_setup
-    cfg = trainer.replace(cfg, stage2_batch=6, conversations_per_scene=3, max_text_tokens=120)
+    cfg = dataclasses.replace(cfg, stage2_batch=6, conversations_per_scene=3, max_text_tokens=120)
     model.requires_grad_(False)  # as run_stage does: the perception module stays frozen
-    params = trainer.llm_side_parameters(model, with_llm=True)
+    params = instruction_stage.llm_side_parameters(model, with_llm=True)
     for p in params:
         p.requires_grad_(True)
     try:
         mix = {"referring_segmentation": 1.0, "caption": 1.0}
-        stats = trainer.stage2_step(model, np.random.default_rng(2), cfg, mix)
+        stats = instruction_stage.stage2_step(model, np.random.default_rng(2), cfg, mix)
         assert set(stats) == {"loss", "ce", "seg", "follow", "align", "location", "anchor"}
         assert stats["align"] == 0 and stats["location"] >= 0
         assert all(np.isfinite(v) for v in stats.values()) and stats["ce"] > 0 and stats["seg"] > 0
@@ -556,14 +574,14 @@ def test_stage2_step_with_word_alignment_trains_the_object_tokens(perception_set
     cfg, model = perception_setup
     # The test model's perception is untrained and covers no object: label every token "circle, red".
     monkeypatch.setattr(
-        trainer, "object_attribute_labels", lambda masks, _: (torch.zeros(len(masks), dtype=torch.long),) * 2
+        instruction_losses, "object_attribute_labels", lambda masks, _: (torch.zeros(len(masks), dtype=torch.long),) * 2
     )
-    cfg = trainer.replace(cfg, stage2_batch=4, conversations_per_scene=2, max_text_tokens=120)
+    cfg = dataclasses.replace(cfg, stage2_batch=4, conversations_per_scene=2, max_text_tokens=120)
     model.requires_grad_(False)
-    for p in trainer.llm_side_parameters(model, with_llm=True):
+    for p in instruction_stage.llm_side_parameters(model, with_llm=True):
         p.requires_grad_(True)
     try:
-        stats = trainer.stage2_step(model, np.random.default_rng(2), cfg, {"counting": 1.0}, align_weight=0.5)
+        stats = instruction_stage.stage2_step(model, np.random.default_rng(2), cfg, {"counting": 1.0}, align_weight=0.5)
         assert stats["align"] > 0
         assert np.isclose(stats["loss"], stats["ce"] + stats["seg"] + 0.5 * stats["follow"] + 0.5 * stats["align"])
         # The loss reaches the object projector and the first LLM layer, not the frozen decoder.
@@ -572,8 +590,8 @@ def test_stage2_step_with_word_alignment_trains_the_object_tokens(perception_set
         assert all(p.grad is None for p in model.omg_decoder.parameters())
         # With a learned head (align_target "head") the head trains too.
         model.zero_grad(set_to_none=True)
-        head = trainer.AttributeHead(model.config.language_model.hidden_size)
-        stats = trainer.stage2_step(model, np.random.default_rng(2), cfg, {"counting": 1.0}, None, 0.5, head)
+        head = instruction_losses.AttributeHead(model.config.language_model.hidden_size)
+        stats = instruction_stage.stage2_step(model, np.random.default_rng(2), cfg, {"counting": 1.0}, None, 0.5, head)
         assert stats["align"] > 0 and head.shape.weight.grad is not None and head.colour.weight.grad is not None
         assert any(p.grad is not None for p in model.visual_projector.parameters())
     finally:
@@ -589,14 +607,14 @@ def test_stage2_step_with_object_location_trains_the_location_gate(perception_se
     assert model.object_location is not None
     gate = model.object_location.gate
     assert torch.allclose(gate, torch.full_like(gate, cfg.location_gate_init))
-    cfg = trainer.replace(cfg, stage2_batch=4, conversations_per_scene=2, max_text_tokens=120, location_weight=2.0)
+    cfg = dataclasses.replace(cfg, stage2_batch=4, conversations_per_scene=2, max_text_tokens=120, location_weight=2.0)
     built = model.object_location  # the embedded preset has one; this test starts a fresh one at zero
     model.object_location = ObjectLocation(model.config.decoder.hidden_dim, model.config.language_model.hidden_size)
     model.requires_grad_(False)
-    for p in trainer.llm_side_parameters(model, with_llm=True):
+    for p in instruction_stage.llm_side_parameters(model, with_llm=True):
         p.requires_grad_(True)
     try:
-        stats = trainer.stage2_step(model, np.random.default_rng(3), cfg, {"referring_segmentation": 1.0})
+        stats = instruction_stage.stage2_step(model, np.random.default_rng(3), cfg, {"referring_segmentation": 1.0})
         assert stats["location"] >= 0 and np.isfinite(stats["loss"])
         assert np.isclose(stats["loss"], stats["ce"] + stats["seg"] + 0.5 * stats["follow"] + 2.0 * stats["location"])
         assert stats["anchor"] == 0  # this head has no relations
@@ -611,16 +629,16 @@ def test_stage2_step_with_object_location_trains_the_location_gate(perception_se
 
 def test_a_fine_tune_from_the_shipped_model_trains_the_relations_and_the_anchor(tmp_path):
     # A fine-tune from the shipped model: its pointer has relations, and they train with the anchor.
-    cfg = trainer.TrainConfig(
+    cfg = config.TrainConfig(
         out_dir=str(tmp_path), init_from="embedded", stage2_batch=8, conversations_per_scene=4, location_weight=1.5
     )
-    model = trainer.build_model(cfg, tmp_path)
+    model = checkpoints.build_model(cfg, tmp_path)
     head = model.object_location
     assert head.relations and (tmp_path / "tokenizer").is_dir()
     model.requires_grad_(False)
-    for p in trainer.llm_side_parameters(model, with_llm=True):
+    for p in instruction_stage.llm_side_parameters(model, with_llm=True):
         p.requires_grad_(True)
-    stats = trainer.stage2_step(model, np.random.default_rng(1), cfg, {"referring_spatial": 1.0})
+    stats = instruction_stage.stage2_step(model, np.random.default_rng(1), cfg, {"referring_spatial": 1.0})
     expected = stats["ce"] + stats["seg"] + 0.5 * stats["follow"] + 1.5 * (stats["location"] + 0.5 * stats["anchor"])
     assert np.isclose(stats["loss"], expected, rtol=1e-4)
     assert head.relation.weight.grad is not None and head.relation.weight.grad.abs().sum() > 0
@@ -635,7 +653,7 @@ def test_object_positions_are_where_the_object_tokens_sit():
     model = OmgLlava.from_pretrained()  # trained perception: the scene's objects become object tokens
     samples, vb = _mixed_scene(model)
     with torch.no_grad():
-        seq = trainer.build_sequence(model, vb, 0, samples)
+        seq = sequences.build_sequence(model, vb, 0, samples)
         objects = model.visual_projector.object_tokens(model.object_queries(vb.prior, 0))
     assert len(seq.object_positions) == len(objects) > 0
     assert torch.allclose(seq.embeds[seq.object_positions], objects, atol=1e-5)
@@ -651,11 +669,11 @@ def test_object_attribute_labels_follow_the_token_masks():
     rendered = data.random_scene(rng, 256)
     while len(rendered.objects) < 3:
         rendered = data.random_scene(rng, 256)
-    gt = trainer.resize_masks(np.stack([o.mask for o in rendered.objects]), (64, 64)) >= 0.5
+    gt = losses.resize_masks(np.stack([o.mask for o in rendered.objects]), (64, 64)) >= 0.5
     order = [2, 0, 1]
     logits = torch.where(gt[order], 5.0, -5.0)
     logits = torch.cat([logits, torch.full((1, 64, 64), -5.0)])  # a token on nothing
-    shapes, colours = trainer.object_attribute_labels(logits, rendered)
+    shapes, colours = instruction_losses.object_attribute_labels(logits, rendered)
     objects = [rendered.objects[k] for k in order]
     assert shapes.tolist() == [SHAPES.index(o.shape) for o in objects] + [-100]
     assert colours.tolist() == [list(COLORS).index(o.color) for o in objects] + [-100]
@@ -667,28 +685,30 @@ def test_word_alignment_loss_is_lowest_at_the_named_words(perception_setup):
     ids = torch.tensor([model.tokenizer.encode(" " + w, add_special_tokens=False)[0] for w in words])
     states = model.llm.get_input_embeddings().weight[ids].detach()
     right = torch.arange(5)
-    assert trainer.word_alignment_loss(model, states, right, words) < trainer.word_alignment_loss(
+    assert instruction_losses.word_alignment_loss(model, states, right, words) < instruction_losses.word_alignment_loss(
         model, states, right.roll(1), words
     )
     # Tokens on nothing (-100) are ignored; with none left the loss is zero, not NaN.
     ignored = torch.tensor([0, -100, -100, -100, -100])
     assert torch.isclose(
-        trainer.word_alignment_loss(model, states, ignored, words),
-        trainer.word_alignment_loss(model, states[:1], right[:1], words),
+        instruction_losses.word_alignment_loss(model, states, ignored, words),
+        instruction_losses.word_alignment_loss(model, states[:1], right[:1], words),
     )
-    assert float(trainer.word_alignment_loss(model, states, torch.full((5,), -100), words)) == 0.0
+    assert float(instruction_losses.word_alignment_loss(model, states, torch.full((5,), -100), words)) == 0.0
     with pytest.raises(ValueError, match="one token"):
-        trainer.word_alignment_loss(model, states, right, ["circle", "square", "triangle", "star", "red circle"])
+        instruction_losses.word_alignment_loss(
+            model, states, right, ["circle", "square", "triangle", "star", "red circle"]
+        )
 
 
 def test_questions_are_planned_per_scene_within_the_text_budget(perception_setup):
     _, model = perception_setup
     batch = data.conversation_batch(np.random.default_rng(6), 24, 64, per_scene=8)
     _, scene_of = data.scene_index(batch)
-    chunks = trainer.plan_conversations(model, batch, scene_of, trainer.TrainConfig(max_text_tokens=10_000))
+    chunks = sequences.plan_conversations(model, batch, scene_of, config.TrainConfig(max_text_tokens=10_000))
     assert [rows for _, rows in chunks] == [list(range(8)), list(range(8, 16)), list(range(16, 24))]
     assert [scene for scene, _ in chunks] == [0, 1, 2]
-    split = trainer.plan_conversations(model, batch, scene_of, trainer.TrainConfig(max_text_tokens=60))
+    split = sequences.plan_conversations(model, batch, scene_of, config.TrainConfig(max_text_tokens=60))
     assert len(split) > 3
     assert sorted(i for _, rows in split for i in rows) == list(range(24))
     for scene, rows in split:
@@ -705,7 +725,7 @@ def test_seg_loss_decodes_each_seg_alone_whatever_the_grouping(perception_setup)
     _, model = perception_setup
     rng = np.random.default_rng(5)
     scenes = [data.random_scene(rng, 256) for _ in range(3)]
-    memory = trainer.encode_batch(model, [r.image for r in scenes])
+    memory = sequences.encode_batch(model, [r.image for r in scenes])
     hidden = torch.randn(3, 6, model.config.language_model.hidden_size, requires_grad=True)
     # The rows' [SEG]s lie on images 2, 0, 0 and 0: the loss takes them in row order, the decoder
     # groups them by image.
@@ -715,14 +735,14 @@ def test_seg_loss_decodes_each_seg_alone_whatever_the_grouping(perception_setup)
         SimpleNamespace(seg_positions=[2, 4], target_masks=[masks[0], masks[3]], image_index=0),
         SimpleNamespace(seg_positions=[5], target_masks=[masks[3]], image_index=0),
     ]
-    loss, (q, pos) = trainer.seg_loss(model, memory, seqs, hidden)
+    loss, (q, pos) = instruction_losses.seg_loss(model, memory, seqs, hidden)
     (grad,) = torch.autograd.grad(loss, hidden, retain_graph=True)
 
     size = tuple(memory.mask_features.shape[-2:])
     alone = []
     pairs = [(s.image_index, m) for s in seqs for m in s.target_masks]  # the order of q and pos
     for j, (image, mask) in enumerate(pairs):
-        mem = trainer.select_memory(memory, torch.tensor([image]))
+        mem = model_inputs.select_memory(memory, torch.tensor([image]))
         out = model.omg_decoder.decode(q[j : j + 1, None], pos[j : j + 1, None], mem)
         gt = resize_masks(mask[None], size).flatten(1)
         alone.append(mask_loss(out.mask_logits, gt) / len(out.mask_logits))
@@ -733,16 +753,16 @@ def test_seg_loss_decodes_each_seg_alone_whatever_the_grouping(perception_setup)
 
 
 def test_a_step_with_a_non_finite_gradient_is_skipped(tmp_path, monkeypatch):
-    cfg = trainer.TrainConfig(out_dir=str(tmp_path), stage1_steps=2, bf16=False, threads=1)
-    model = trainer.build_model(cfg, tmp_path)
+    cfg = config.TrainConfig(out_dir=str(tmp_path), stage1_steps=2, bf16=False, threads=1)
+    model = checkpoints.build_model(cfg, tmp_path)
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
     def poisoned_step(model, rng, cfg):
-        for p in trainer.llm_side_parameters(model, with_llm=False):
+        for p in instruction_stage.llm_side_parameters(model, with_llm=False):
             p.grad = torch.full_like(p, float("nan"))
         return {"loss": float("nan")}
 
-    monkeypatch.setattr(trainer, "stage1_step", poisoned_step)
+    monkeypatch.setattr(stages, "stage1_step", poisoned_step)
     trainer.run_stage(model, cfg, tmp_path, 1, None)
     after = model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items())  # no NaN reached the weights

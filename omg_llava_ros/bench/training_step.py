@@ -1,6 +1,6 @@
 """`omg-llava-ros bench --training`: what a perception (stage-0) training step costs on this machine.
 
-Times `trainer.stage0_step` (forward, losses, backward) on the same fresh batches two ways, one
+Times `perception_stage.stage0_step` (forward, losses, backward) on the same fresh batches two ways, one
 after the other within each repeat so that both meet the same machine load: the visual prompts
 decoded in their images' panoptic pass (`joint`, what `train` does) and a prompt a batch row over a
 copy of its image's memory (`separate`, inference's layout and stage 0 before 2026-11-29). Both give
@@ -34,17 +34,18 @@ def bench_training(
     import torch
 
     from omg_llava_ros import OmgLlava
-    from omg_llava_ros.training import data, trainer
+    from omg_llava_ros.training import data, perception_stage
+    from omg_llava_ros.training.config import TrainConfig, uses_bf16
 
     if repeats < 1 or warmup < 0:
         raise ValueError("repeats must be ≥ 1 and warmup ≥ 0")
-    cfg = trainer.TrainConfig()
+    cfg = TrainConfig()
     batch = batch or cfg.stage0_batch
     prompts_per_image = prompts_per_image or cfg.prompts_per_image
     model = OmgLlava.from_config(config, seed=seed)
     d = model.config.decoder
-    semantic = trainer.SemanticHead(d.hidden_dim, d.num_classes) if cfg.semantic_weight > 0 else None
-    params = trainer.perception_parameters(model) + (list(semantic.parameters()) if semantic else [])
+    semantic = perception_stage.SemanticHead(d.hidden_dim, d.num_classes) if cfg.semantic_weight > 0 else None
+    params = perception_stage.perception_parameters(model) + (list(semantic.parameters()) if semantic else [])
     model.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
@@ -56,7 +57,7 @@ def bench_training(
         step_batch = data.perception_batch(rng, batch, size, d.class_names, prompts_per_image)
         for variant in VARIANTS:
             start = time.perf_counter()
-            trainer.stage0_step(model, step_batch, cfg, semantic, joint_prompts=variant == "joint")
+            perception_stage.stage0_step(model, step_batch, cfg, semantic, joint_prompts=variant == "joint")
             elapsed = time.perf_counter() - start
             for p in params:
                 p.grad = None
@@ -70,7 +71,7 @@ def bench_training(
         "image_size": size,
         "repeats": repeats,
         "threads": torch.get_num_threads(),
-        "bf16": trainer.uses_bf16(cfg),
+        "bf16": uses_bf16(cfg),
         "stage0_step_s": median,
         "joint_speedup": median["separate"] / median["joint"],
     }

@@ -2,7 +2,7 @@
 
 The OMG decoder predicts masks on its stride-4 mask features: 64² for the embedded model's 256²
 input. Upsampled bilinearly, those logits put boundaries 1-3 px off, which is a quarter of a small
-object's area (v11: mean mask IoU 0.71 for objects under 300 px against 0.90 for large ones). A small
+object's area (mean mask IoU 0.71 for objects under 300 px against 0.90 for large ones). A small
 convolutional head sees the upsampled logits beside features of the image's own pixels and corrects
 them near the boundary, as CascadePSP and SAM-HQ refine masks with high-resolution image detail.
 

@@ -9,17 +9,18 @@ is its learned embedding, not where its object lies.
 In:  each object token's position half gains `gate ⊙ pos_linear(sine(centroid ± half))`, the
      decoder's own encoding of a point prompt at the centroid of the object's mask. A gate started at
      zero leaves a model exactly as it was, but on a trained LLM it hardly moves (0.008 after 300
-     steps, the location then 1% of the token's position half): v17 starts it at 0.2.
+     steps, the location then 1% of the token's position half): training starts it at 0.2.
 Out: each `[SEG]` state points at one of the image's object tokens (a bilinear score between the
      `[SEG]` state and the LLM's last-layer states of the object tokens, plus a direction read from
      the `[SEG]` state against the objects' centroids, trained with cross-entropy towards the token
      whose mask is the target's; without the direction term the pointer stayed at chance between
      two objects alike after 650 steps, 0.53); the `[SEG]` mask keeps only its connected
-     component nearest that object's centroid, and a `[SEG]` whose mask misses that object entirely
-     (it found the twin alone) is decoded again attending only inside the object's panoptic mask, as
-     a mask prompt is, then the same component kept. Regressing the centroid from the `[SEG]` state
+     component nearest that object's centroid; a `[SEG]` mask that overlaps the object little (IoU
+     under 0.5: it found the twin, or another object) is decoded again attending only inside the
+     object's panoptic mask, as a mask prompt is, and one still mostly outside the object after that
+     gives way to the object's own mask (`OmgLlava._masks_for_queries`). Regressing the centroid from the `[SEG]` state
      instead barely beat guessing the image centre after 400 steps (L1 0.17 against 0.20).
-Follow mode keeping the component nearest the previous frame's mask was tried on v15 (follow
+Follow mode keeping the component nearest the previous frame's mask was tried (follow
 0.868 → 0.862 on 200 scenes): follow is left as it was.
 
 Relations (`OmgLlavaConfig.point_relations`): the direction term picks extremes ("the leftmost

@@ -4,7 +4,7 @@ the panoptic pass already found is replaced by a mask prompt of that object's ma
 Why: a point prompt is decoded from a query whose content is the same for every prompt and whose
 only cue is the point's position encoding; the first decoder layer sees the whole image. The
 embedded decoder learned that poorly (mean IoU of the decoded mask with the object on fresh scenes:
-point 0.36, box 0.65, mask 0.86), and the `<region>` token inherits it: v5 named the colour of a
+point 0.36, box 0.65, mask 0.86), and the `<region>` token inherits it: the model named the colour of a
 pointed-at object right only half of the time, of a masked one always. The panoptic masks (about
 0.85-0.92 IoU) are computed for every image anyway, so a click or a box on a found object is turned
 into that object's mask and decoded as a mask prompt, whose attention is confined to it. A prompt on

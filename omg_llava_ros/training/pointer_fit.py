@@ -62,9 +62,9 @@ class PointerRecord:
 
 def covering_token(token_masks: torch.Tensor, mask: np.ndarray) -> int:
     """The token whose (n, h, w) bool mask overlaps `mask` (image size) most, if IoU ≥ 0.5."""
-    from omg_llava_ros.training.trainer import _best_tokens
+    from omg_llava_ros.training.instruction_losses import best_tokens
 
-    best, keep = _best_tokens(token_masks, [mask])
+    best, keep = best_tokens(token_masks, [mask])
     return int(best[0]) if bool(keep[0]) else NO_TOKEN
 
 

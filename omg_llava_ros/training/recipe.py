@@ -22,7 +22,7 @@ from typing import Any
 import tomllib
 
 from omg_llava_ros.training import data
-from omg_llava_ros.training.trainer import TrainConfig
+from omg_llava_ros.training.config import TrainConfig
 
 DONE_FILE = "RECIPE_DONE.json"
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
