@@ -405,7 +405,8 @@ def test_sigint_stops_the_node_with_status_0(running):
 def test_node_bench_reports_end_to_end_and_in_process_latency(capsys):
     from omg_llava_ros.cli import main
 
-    argv = ["bench", "--ros2", "--threads", "1", "--repeats", "2", "--follow-frames", "1", "--json"]
+    argv = ["bench", "--ros2", "--threads", "1", "--repeats", "2", "--follow-frames", "1", "--real-time-frames", "20"]
+    argv.append("--json")
     assert main(argv) == 0
     out = capsys.readouterr().out
     report = json.loads(out.strip().splitlines()[-1])
@@ -416,3 +417,8 @@ def test_node_bench_reports_end_to_end_and_in_process_latency(capsys):
         assert report[run]["follow_ms"]["p50"] >= report[run]["node_follow_ms"]["p50"]
     assert report["in_process"]["follow_ms"]["n"] == 2
     assert "first command after activation, warm-up at configure" in out
+    # In real time every published frame is either answered or counted as dropped.
+    real_time = report["node_warm"]["real_time"]
+    assert real_time["published"] == 20 and real_time["answered"] >= 1
+    assert real_time["answered"] + real_time["dropped"] == 20
+    assert f"{real_time['dropped']} dropped" in out and "real_time" not in report["node_cold"]

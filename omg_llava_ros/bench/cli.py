@@ -69,6 +69,13 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         "received for the first command after activation (with and without warm-up), commands and follow frames, "
         "beside the same frames in process (--repeats commands, --follow-frames each)",
     )
+    p.add_argument(
+        "--real-time-frames",
+        type=int,
+        default=300,
+        help="with --ros2: frames of one moving scene published at 30 Hz after the latency runs, answered and "
+        "dropped frames counted (0: skip)",
+    )
     p.set_defaults(func=cmd_bench)
     return p
 
@@ -156,7 +163,7 @@ def cmd_training_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_node_bench(args: argparse.Namespace) -> int:
-    from omg_llava_ros.bench.node_latency import bench_node, format_node_report
+    from omg_llava_ros.bench.node_latency import RealTime, bench_node, format_node_report
 
     if (
         args.model is not None
@@ -179,7 +186,10 @@ def cmd_node_bench(args: argparse.Namespace) -> int:
         print(f"bench: {msg}", file=sys.stderr, flush=True)
 
     try:
-        report = bench_node(args.repeats, args.follow_frames, args.seed, args.backend, progress)
+        if args.real_time_frames < 0:
+            raise ValueError("--real-time-frames must be 0 or more")
+        real_time = RealTime(frames=args.real_time_frames)
+        report = bench_node(args.repeats, args.follow_frames, args.seed, args.backend, progress, real_time)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     print(format_node_report(report))

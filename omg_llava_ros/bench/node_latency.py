@@ -7,7 +7,10 @@ commands, and follow-mode frames (each frame published after the previous result
 latencies, not a rate). The node is started twice in the run, with and without the warm-up at
 configure, so the first command's cost is shown both ways. The same frames and commands then go
 through a ``PerceptionPipeline`` in this process: the difference is what ROS adds (serialisation,
-DDS, conversion, the worker hand-off). Needs the ROS workspace sourced (see the README).
+DDS, conversion, the worker hand-off). Last, in real time: one moving scene published at 30 Hz
+after a command, whatever the node's pace; every frame the node did not answer is counted as
+dropped (it keeps only the newest frame, as `replay --rate 1.0` does, which reports its drops the
+same way). Needs the ROS workspace sourced (see the README).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +50,21 @@ def _percentiles(values: list[float]) -> dict[str, float | None]:
     return {**latency_summary(values), "n": len(values)}
 
 
+@dataclass
+class RealTime:
+    """The real-time part: `frames` frames of one moving scene published at `hz` (0: skipped)."""
+
+    frames: int = 300
+    hz: float = 30.0
+    seed: int = 1
+
+
 def _node_run(
-    scenes: list[tuple[str, list[np.ndarray]]], warm_up: bool, backend: str, progress: Callable[[str], None]
+    scenes: list[tuple[str, list[np.ndarray]]],
+    warm_up: bool,
+    backend: str,
+    progress: Callable[[str], None],
+    real_time: RealTime | None = None,
 ) -> dict[str, Any]:
 
     command = [sys.executable, "-m", "omg_llava_ros.ros", "--ros-args", "-r", "__node:=omg_llava"]
@@ -59,7 +76,7 @@ def _node_run(
             started = time.monotonic()
             proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
             try:
-                return _time_node(proc, log_path, scenes, warm_up, started, progress)
+                return _time_node(proc, log_path, scenes, warm_up, started, progress, real_time)
             finally:
                 proc.send_signal(2)
                 try:
@@ -75,6 +92,7 @@ def _time_node(
     warm_up: bool,
     started: float,
     progress: Callable[[str], None],
+    real_time: RealTime | None = None,
 ) -> dict[str, Any]:
     from omg_llava_ros.ros.peer import NodePeer, image_message
 
@@ -108,7 +126,7 @@ def _time_node(
                     )
                 (follows if i else commands).append((result.at - sent) * 1000.0)
                 (node_follows if i else node_commands).append(float(result.msg.latency_ms))
-        return {
+        report = {
             "ready_s": ready_s,
             "first_command_ms": commands[0],
             "command_ms": _percentiles(commands[1:]),
@@ -116,8 +134,58 @@ def _time_node(
             "node_command_ms": _percentiles(node_commands[1:]),
             "node_follow_ms": _percentiles(node_follows),
         }
+        if real_time is not None and real_time.frames > 0:
+            progress(f"publishing {real_time.frames} frames at {real_time.hz:g} Hz")
+            report["real_time"] = _publish_in_real_time(peer, real_time, first_sec=stamp_sec + 1000)
+        return report
     finally:
         peer.close()
+
+
+def _publish_in_real_time(peer: Any, real_time: RealTime, first_sec: int) -> dict[str, Any]:
+    """A command, then one moving scene's frames at `real_time.hz` on the wall clock; a frame with
+    no result once the node has gone quiet (2 s without one, or 60 s) counts as dropped."""
+    from omg_llava_ros.ros.peer import image_message
+    from omg_llava_ros.toyworld import sample_moving_scene
+
+    moving = sample_moving_scene(np.random.default_rng(real_time.seed), num_frames=real_time.frames)
+    stamps = [(first_sec + i, 0) for i in range(len(moving.frames))]
+    messages = [image_message(f.image, stamp, "camera") for f, stamp in zip(moving.frames, stamps, strict=True)]
+    wanted = set(stamps)
+
+    def answered() -> set[tuple[int, int]]:
+        return peer.stamps("result") & wanted
+
+    peer.command(moving.command.question)
+    time.sleep(0.2)  # the command arrives before the first frame
+    period = 1.0 / real_time.hz
+    start = time.monotonic()
+    late = 0  # frames published more than a period after their slot (this publisher fell behind)
+    for i, msg in enumerate(messages):
+        slot = start + i * period
+        wait = slot - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        elif -wait > period:
+            late += 1
+        peer.publish("image", msg)
+    published_s = time.monotonic() - start
+    deadline, quiet_since, seen = time.monotonic() + 60.0, time.monotonic(), 0
+    while time.monotonic() < deadline and time.monotonic() - quiet_since < 2.0:
+        time.sleep(0.1)
+        now_seen = len(answered())
+        if now_seen != seen:
+            seen, quiet_since = now_seen, time.monotonic()
+    got = len(answered())
+    return {
+        "hz": real_time.hz,
+        "published": len(messages),
+        "published_s": published_s,
+        "publisher_late": late,
+        "answered": got,
+        "dropped": len(messages) - got,
+        "answered_hz": got / published_s if published_s > 0 else None,
+    }
 
 
 def _in_process(scenes: list[tuple[str, list[np.ndarray]]], backend: str) -> dict[str, Any]:
@@ -150,6 +218,7 @@ def bench_node(
     seed: int = 0,
     backend: str = "torch",
     progress: Callable[[str], None] = lambda _msg: None,
+    real_time: RealTime | None = None,
 ) -> dict[str, Any]:
     """Both node runs and the in-process pipeline on the same scenes; see the module docstring."""
     if commands < 2:
@@ -160,7 +229,7 @@ def bench_node(
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     scenes = _scenes(seed, commands, follow_frames)
     report: dict[str, Any] = {"commands": commands, "follow_frames": follow_frames, "backend": backend}
-    report["node_warm"] = _node_run(scenes, True, backend, progress)
+    report["node_warm"] = _node_run(scenes, True, backend, progress, real_time or RealTime())
     report["node_cold"] = _node_run(scenes, False, backend, progress)
     progress("the same frames in process")
     report["in_process"] = _in_process(scenes, backend)
@@ -191,4 +260,11 @@ def format_node_report(r: dict[str, Any]) -> str:
         f"  ROS adds (p50, end to end - in process): command {added('command_ms'):.1f} ms,"
         f" follow {added('follow_ms'):.1f} ms",
     ]
+    rt = warm.get("real_time")
+    if rt is not None:
+        lines.append(
+            f"real time: {rt['published']} frames published at {rt['hz']:g} Hz, {rt['answered']} answered "
+            f"({rt['answered_hz']:.1f} Hz), {rt['dropped']} dropped"
+            + (f"; the publisher fell behind on {rt['publisher_late']}" if rt["publisher_late"] else "")
+        )
     return "\n".join(lines)

@@ -182,6 +182,11 @@ class NodePeer:
                     return None
                 self._lock.wait(min(left, 0.1))
 
+    def stamps(self, name: str) -> set[tuple[int, int]]:
+        """The header stamps (sec, nanosec) of every message received on output ``name`` so far."""
+        with self._lock:
+            return {(r.msg.header.stamp.sec, r.msg.header.stamp.nanosec) for r in self.received[name]}
+
     def with_stamp(self, name: str, stamp: tuple[int, int], timeout: float = 30.0) -> Received | None:
         def same(msg: Any) -> bool:
             return (msg.header.stamp.sec, msg.header.stamp.nanosec) == tuple(stamp)
