@@ -25,6 +25,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from omg_llava_ros.pipeline.heap import DEFAULT_EVERY as DEFAULT_TRIM_EVERY
+from omg_llava_ros.pipeline.heap import HeapTrimmer
 from omg_llava_ros.pipeline.lifting import centroid, lift_to_3d
 from omg_llava_ros.pipeline.overlay import instance_image
 from omg_llava_ros.pipeline.types import (
@@ -73,12 +75,14 @@ class PipelineConfig:
     command_frame_tolerance_s: a frame up to this much older than the command still answers it.
     depth_max_offset_s: a depth image further than this from the colour frame is not used.
     max_new_tokens: None = the model's default.
+    heap_trim_every: give freed memory back to the system every this many frames (`heap`; 0: never).
     """
 
     max_command_chars: int = 2000
     command_frame_tolerance_s: float = 0.0
     depth_max_offset_s: float = 0.05
     max_new_tokens: int | None = None
+    heap_trim_every: int = DEFAULT_TRIM_EVERY
 
     def __post_init__(self) -> None:
         if self.max_command_chars < 1:
@@ -87,6 +91,8 @@ class PipelineConfig:
             raise ValueError("command_frame_tolerance_s and depth_max_offset_s must be >= 0")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1 (or None), got {self.max_new_tokens}")
+        if self.heap_trim_every < 0:
+            raise ValueError(f"heap_trim_every must be >= 0, got {self.heap_trim_every}")
 
 
 @dataclass
@@ -127,6 +133,7 @@ class PerceptionPipeline:
         self.logits_processor = logits_processor
         self.clock = clock
         self.stats = PipelineStats()
+        self.heap = HeapTrimmer(self.config.heap_trim_every)
         # Two locks: _state guards the command/answer state and is only held for microseconds, so
         # a command never waits for inference; _run serialises model calls (one image at a time).
         self._state = threading.Lock()
@@ -240,6 +247,12 @@ class PerceptionPipeline:
         A command that arrives during inference takes effect on the next frame; the running
         inference still returns its result, tagged with the command it answered.
         """
+        try:
+            return self._process(frame)
+        finally:
+            self.heap.after_frame()
+
+    def _process(self, frame: Frame) -> Result | None:
         started = self.clock()
         image = _check_frame(frame)
         frame_ns = stamp_to_ns(frame.stamp)
