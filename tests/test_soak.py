@@ -65,3 +65,6 @@ def test_a_short_soak_accounts_for_every_command_and_bad_frame(embedded_model):
     # The figures the full run is judged by are there (their values are bench figures, not asserted).
     assert np.isfinite(report["rss_mb"]["slope_last_80pct_mb_per_1000_frames"])
     assert report["latency_p95_ms"]["first_window"] > 0 and report["latency_p95_ms"]["last_over_first"] > 0
+    follow = report["latency_p95_ms"]["follow_frames"]
+    assert follow["first_window"] > 0 and follow["last_over_first"] > 0
+    assert report["passed"]["latency_held"] == (follow["last_over_first"] <= 1.10)
