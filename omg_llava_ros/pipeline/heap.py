@@ -5,17 +5,14 @@ object tokens, prompt lengths). glibc's allocator keeps what was freed in its he
 instead of returning it: over a 3000-frame run of the pipeline resident memory crept up by about
 10 MB per 1000 frames, and stayed flat (within ±12 MB) when `malloc_trim` ran every 500 frames.
 A robot's node runs for hours, so the pipeline trims the heap every `PipelineConfig.heap_trim_every`
-frames (a few milliseconds each time). Where the C library has no `malloc_trim` (musl, macOS) nothing is done.
+frames. Where the C library has no `malloc_trim` (musl, macOS) nothing is done.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import logging
 from collections.abc import Callable
-
-log = logging.getLogger(__name__)
 
 DEFAULT_EVERY = 100
 
