@@ -8,16 +8,27 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["OmgLlava", "Prompt", "Segment", "ChatResult"]
+__all__ = ["OmgLlava", "OmgLlavaPredictor", "Prompt", "Segment", "ChatResult"]
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from omg_llava_ros.model.omg_llava import ChatResult, OmgLlava, Prompt, Segment
+    from omg_llava_ros.model.omg_llava import OmgLlava
+    from omg_llava_ros.model.predictor import OmgLlavaPredictor
+    from omg_llava_ros.model.results import ChatResult, Prompt, Segment
+
+# Where each public name is defined.
+_HOMES = {
+    "OmgLlava": "omg_llava",
+    "OmgLlavaPredictor": "predictor",
+    "Prompt": "results",
+    "Segment": "results",
+    "ChatResult": "results",
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from omg_llava_ros.model import omg_llava
+    if name in _HOMES:
+        import importlib
 
-        return getattr(omg_llava, name)
+        return getattr(importlib.import_module(f"omg_llava_ros.model.{_HOMES[name]}"), name)
     raise AttributeError(f"module 'omg_llava_ros' has no attribute {name!r}")

@@ -107,7 +107,7 @@ def test_probe_times_the_real_chat_and_follow_and_leaves_the_model_as_it_was():
     work = make_workloads(BenchOptions(follow_frames=1), 1, np.random.default_rng(3))[0]
     force = script_answer(model.tokenizer, work.answer)
     plain = model.chat(work.frames[0], work.command, logits_processor=force)
-    model._cache = None  # the probed run must do the image work again
+    model.predictor.reset_image()  # the probed run must do the image work again
     preprocess, vision = model.preprocess, model.vision
 
     with StageProbe(model) as probe:

@@ -119,14 +119,14 @@ def test_objects_alike_each_get_a_token_and_a_segment(embedded):
             rendered, _, _ = _alike_target(rng, 256)
             for grid in counted:
                 embedded.config.object_token_grid = grid
-                embedded._cache = None
+                embedded.predictor.reset_image()
                 state = embedded.set_image(rendered.image)
                 counted[grid] += len(embedded.found_object_logits(state)) == len(rendered.objects)
             found = [s.mask for s in embedded.perceive(rendered.image) if s.label not in table]
             separate += all(any(_iou(f, o.mask) > 0.5 for f in found) for o in rendered.objects)
     finally:
         embedded.config.object_token_grid = "split"
-        embedded._cache = None
+        embedded.predictor.reset_image()
     assert counted["split"] >= 0.75 * scenes and counted["split"] >= counted["merged"]
     assert separate >= 2 * scenes // 3
 
@@ -151,14 +151,16 @@ def test_onnxruntime_gives_the_same_answers(embedded, tmp_path):
             sample = sample_conversation(rng, rendered, "referring_segmentation")
             answers = []
             for vision in (torch_vision, ort_vision):
-                embedded.vision, embedded._cache = vision, None
+                embedded.vision = vision
+                embedded.predictor.reset_image()
                 answers.append(embedded.chat(rendered.image, sample.question))
             assert answers[0].text == answers[1].text
             for a, b in zip(answers[0].segments, answers[1].segments, strict=True):
                 union = np.logical_or(a.mask, b.mask).sum()
                 ious.append(1.0 if union == 0 else np.logical_and(a.mask, b.mask).sum() / union)
     finally:
-        embedded.vision, embedded._cache = torch_vision, None
+        embedded.vision = torch_vision
+        embedded.predictor.reset_image()
     assert np.mean(ious) >= 0.99
 
 

@@ -14,7 +14,8 @@ from omg_llava_ros.model.language_model import (
     special_token_ids,
     train_tokenizer,
 )
-from omg_llava_ros.model.omg_llava import IMAGE_PLACEHOLDER, clean_text, phrases_for_segs
+from omg_llava_ros.model.omg_llava import IMAGE_PLACEHOLDER
+from omg_llava_ros.model.results import clean_text, phrases_for_segs
 
 
 def test_template_text_single_and_multi_turn():

@@ -92,7 +92,7 @@ def test_image_work_runs_once_per_image(tiny_model, image):
     calls = []
     handle = m.image_encoder.register_forward_hook(lambda *a: calls.append(1))
     try:
-        m._cache = None
+        m.predictor.reset_image()
         m.chat(image, "Describe the image.", max_new_tokens=3)
         m.chat(image, "What is <region>?", prompts=[Prompt.point(5, 5)], max_new_tokens=3)
         m.perceive(image)

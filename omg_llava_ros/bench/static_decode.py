@@ -124,7 +124,8 @@ class StaticCacheGenerator:
 
 @contextmanager
 def use_generator(generator: Callable[..., Generation]) -> Iterator[None]:
-    """`OmgLlava.chat` generates with `generator` inside the block (it calls the module-level name)."""
+    """`OmgLlava.generate` (so `chat`) generates with `generator` inside the block (it calls the
+    module-level name)."""
     from omg_llava_ros.model import omg_llava
 
     original = omg_llava.greedy_generate

@@ -1,20 +1,20 @@
-"""OmgLlava: the whole model and its user API (chat, follow, perceive).
+"""OmgLlava: the network as one nn.Module, its loading and saving, and the model math of chat, follow and perceive.
 
-The expensive image work — encoder, pixel decoder, the panoptic perception pass, the perception
-prior and the LLM's visual tokens — runs once per image and is cached (`set_image`), the way
-segment-anything's predictor separates `set_image` from `predict`. Prompt passes, `[SEG]` passes
-and later turns reuse it; follow mode needs only the encoder and pixel decoder.
+The parts (encoder, OMG decoder, projectors, LLM, and ours where the config switches them on) and
+the model math over them: the image pass into an `ImageState`, the perception prior and object tokens,
+the conversation's LLM input, generation, and `[SEG]` / follow queries → masks, and panoptic
+inference. It holds no per-image state: `predictor.OmgLlavaPredictor` keeps the image cache and
+strings these steps into `chat`, `follow` and `perceive` (segment-anything's `SamPredictor` over
+`Sam`). `model.chat(...)` and the others are conveniences through the model's one predictor.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
-import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from omg_llava_ros.model.chat_template import IMAGE_TOKEN, Turn, first_user_text, render_conversation
+from omg_llava_ros.model.chat_template import IMAGE_TOKEN, Turn, render_conversation
 from omg_llava_ros.model.config import OmgLlavaConfig, get_config
 from omg_llava_ros.model.image_encoder import ImageEncoder
 from omg_llava_ros.model.language_model import (
     DEFAULT_CORPUS,
-    MARK_TOKEN,
-    PHRASE_END,
-    PHRASE_START,
-    REGION_TOKEN,
-    SEG_TOKEN,
+    Generation,
     LogitsProcessor,
     SpecialTokenIds,
     add_special_tokens,
@@ -53,15 +49,19 @@ from omg_llava_ros.model.perception_prior import (
     PIECE_MIN_CELLS,
     PerceptionPrior,
     perception_prior,
-    piece_followed,
     separate_pieces,
 )
 from omg_llava_ros.model.pixel_shuffle import pixel_shuffle
-from omg_llava_ros.model.preprocessing import ImagePreprocessor, Letterbox, check_image
+from omg_llava_ros.model.predictor import OmgLlavaPredictor
+from omg_llava_ros.model.preprocessing import ImagePreprocessor, Letterbox
 from omg_llava_ros.model.projectors import TextProjector, VisualProjector
-from omg_llava_ros.model.prompt_encoder import EncodedPrompt, PromptEncoder
+from omg_llava_ros.model.prompt_encoder import PromptEncoder
 from omg_llava_ros.model.prompt_snapping import snap_prompts
+from omg_llava_ros.model.results import ChatResult, Conversation, Prompt, Segment
 from omg_llava_ros.model.vision_backend import TorchVision, VisionBackend, load_vision_backend
+
+# The public API: the result types are defined in `results` and importable from here as well.
+__all__ = ["ChatResult", "Conversation", "OmgLlava", "Prompt", "Segment"]
 
 log = logging.getLogger(__name__)
 
@@ -69,110 +69,13 @@ IMAGE_PLACEHOLDER = -200  # xtuner's IMAGE_TOKEN_INDEX
 EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "weights" / "embedded"
 CONFIG_FILE = "config.json"
 VISION_WEIGHTS = "model.safetensors"
-_TAG_RE = re.compile(r"<p>(.*?)</p>|\[SEG\]", re.DOTALL)
 
 
-# -- user-facing data ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Prompt:
-    """A visual prompt in input-image pixels: `Prompt.point(x, y)`, `.box(x0, y0, x1, y1)`, `.mask(m)`."""
-
-    kind: str
-    coords: tuple[float, ...] = ()
-    mask_array: np.ndarray | None = field(default=None, compare=False)
-
-    @classmethod
-    def point(cls, x: float, y: float) -> Prompt:
-        return cls("point", (float(x), float(y)))
-
-    @classmethod
-    def box(cls, x0: float, y0: float, x1: float, y1: float) -> Prompt:
-        if x1 < x0 or y1 < y0:
-            raise ValueError(f"box must be (x0, y0, x1, y1) with x0 ≤ x1 and y0 ≤ y1, got {(x0, y0, x1, y1)}")
-        return cls("box", (float(x0), float(y0), float(x1), float(y1)))
-
-    @classmethod
-    def mask(cls, mask: np.ndarray) -> Prompt:
-        mask = np.asarray(mask)
-        if mask.ndim != 2:
-            raise ValueError(f"mask prompt must be H×W, got shape {mask.shape}")
-        if not mask.any():
-            raise ValueError("mask prompt is empty")
-        return cls("mask", (), mask.astype(bool))
-
-    def to_model(self, box: Letterbox) -> EncodedPrompt:
-        if self.kind == "point":
-            ((x, y),) = box.points_to_model([self.coords])
-            return EncodedPrompt("point", point=(float(x), float(y)))
-        if self.kind == "box":
-            corners = box.points_to_model([self.coords[:2], self.coords[2:]])
-            return EncodedPrompt("box", box=tuple(float(v) for v in corners.reshape(-1)))
-        if self.kind == "mask":
-            return EncodedPrompt("mask", mask=box.mask_to_model(self.mask_array))
-        raise ValueError(f"unknown prompt kind {self.kind!r}")
-
-
-@dataclass
-class Segment:
-    """One object. mask: bool H×W at the input size; query: (2, C) decoder query (content, position)
-    that finds it again on a new frame (`follow`)."""
-
-    phrase: str | None
-    mask: np.ndarray
-    score: float
-    label: str | None = None
-    query: torch.Tensor | None = field(default=None, repr=False)
-
-    @property
-    def box(self) -> tuple[int, int, int, int] | None:
-        """(x0, y0, x1, y1) pixel bounds, end exclusive; None for an empty mask."""
-        ys, xs = np.nonzero(self.mask)
-        if len(xs) == 0:
-            return None
-        return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
-
-
-@dataclass
-class Conversation:
-    """The history a later `chat` continues from."""
-
-    turns: list[Turn] = field(default_factory=list)
-
-
-@dataclass
-class ChatResult:
-    text: str
-    segments: list[Segment]
-    history: Conversation
-
-    @property
-    def clean_text(self) -> str:
-        return clean_text(self.text)
-
-
-def clean_text(text: str) -> str:
-    """The answer without `<p>`, `</p>` and `[SEG]` tags and the spaces they leave."""
-    text = text.replace(PHRASE_START, "").replace(PHRASE_END, "").replace(SEG_TOKEN, "")
-    text = re.sub(r"\s+([.,;:!?])", r"\1", text)
-    return re.sub(r"\s{2,}", " ", text).strip()
-
-
-def phrases_for_segs(text: str) -> list[str | None]:
-    """The phrase of each `[SEG]` in order: the latest `<p> … </p>` not yet used, else None."""
-    phrases: list[str | None] = []
-    pending: str | None = None
-    for m in _TAG_RE.finditer(text):
-        if m.group(0) == SEG_TOKEN:
-            phrases.append(pending)
-            pending = None
-        else:
-            pending = m.group(1).strip()
-    return phrases
-
-
+# -- per-image state ----------------------------------------------------------------------------
 @dataclass
 class ImageState:
-    """Everything computed once per image. Perception fields are filled on first need."""
+    """Everything computed once per image (`OmgLlava.encode_image`); the perception fields are filled
+    on first need (`OmgLlava._perceive_state`). A predictor keeps the last one."""
 
     key: str
     letterbox: Letterbox
@@ -203,6 +106,12 @@ def _reading(path: Path, problem: str) -> Iterator[None]:
 
 
 class OmgLlava(nn.Module):
+    """OMG-LLaVA: `OmgLlava.from_pretrained(path)` or `.from_config(name)`; then `chat`, `follow`,
+    `perceive` on images (through `self.predictor`, see `OmgLlavaPredictor`).
+
+    The methods with a leading underscore are the steps the predictor strings together, and the
+    seams the bench's stage probe times; they are not user API."""
+
     def __init__(self, config: OmgLlavaConfig, tokenizer=None, llm: nn.Module | None = None, device="cpu"):
         super().__init__()
         self.config = config
@@ -231,7 +140,9 @@ class OmgLlava(nn.Module):
         enc = config.image_encoder
         self.preprocess = ImagePreprocessor(enc.image_size, enc.image_mean, enc.image_std)
         self.prompt_encoder = PromptEncoder(self.omg_decoder, enc.image_size, config.point_box_half_size)
-        self._cache: ImageState | None = None
+        # Created on first use (`predictor`). Not an nn.Module, so it is no child of this one: the
+        # state dict, `.to()` and the saved files are the network's alone.
+        self._predictor: OmgLlavaPredictor | None = None
         # The vision engines (encoder + pixel decoder, and the transformer decoder) sit behind one
         # interface; omg_llava_ros.engines swaps in ONNX Runtime or TensorRT implementations.
         self.vision: VisionBackend = TorchVision(self)
@@ -336,22 +247,48 @@ class OmgLlava(nn.Module):
     def device(self) -> torch.device:
         return self.omg_decoder.query_feat.weight.device
 
-    # -- image pass -----------------------------------------------------------------------------
-    @torch.no_grad()
+    # -- the user API, through the model's predictor --------------------------------------------
+    @property
+    def predictor(self) -> OmgLlavaPredictor:
+        """This model's predictor, made on first use; `chat`, `follow`, `perceive` and `set_image`
+        below go through it, so they share one image cache."""
+        if self._predictor is None:
+            self._predictor = OmgLlavaPredictor(self)
+        return self._predictor
+
     def set_image(self, image: np.ndarray, perception: bool = True) -> ImageState:
-        """Run (or reuse) the expensive per-image work. The last image stays cached."""
-        image = check_image(image)
-        key = _image_key(image)
-        state = self._cache
-        if state is None or state.key != key:
-            pixels, box = self.preprocess(image)
-            last_stage, memory = self.vision.encode(pixels)
-            state = ImageState(key, box, last_stage, memory)
-            if self.mask_refiner is not None:
-                state.refiner_features = self.mask_refiner.image_features(pixels.to(self.device))
-            self._cache = state
-        if perception and state.perception is None:
-            self._perceive_state(state)
+        """Same as `OmgLlavaPredictor(model).set_image`, on the model's one predictor (`predictor`)."""
+        return self.predictor.set_image(image, perception)
+
+    def chat(
+        self,
+        image: np.ndarray,
+        text: str,
+        prompts: Sequence[Prompt] | None = None,
+        history: Conversation | None = None,
+        max_new_tokens: int | None = None,
+        logits_processor: LogitsProcessor | None = None,
+    ) -> ChatResult:
+        """Same as `OmgLlavaPredictor(model).chat`, on the model's one predictor (`predictor`)."""
+        return self.predictor.chat(image, text, prompts, history, max_new_tokens, logits_processor)
+
+    def follow(self, image: np.ndarray, segments: Sequence[Segment]) -> list[Segment]:
+        """Same as `OmgLlavaPredictor(model).follow`, on the model's one predictor (`predictor`)."""
+        return self.predictor.follow(image, segments)
+
+    def perceive(self, image: np.ndarray) -> list[Segment]:
+        """Same as `OmgLlavaPredictor(model).perceive`, on the model's one predictor (`predictor`)."""
+        return self.predictor.perceive(image)
+
+    # -- image pass -----------------------------------------------------------------------------
+    def encode_image(self, image: np.ndarray, key: str) -> ImageState:
+        """The image work every call needs (preprocessing, encoder, pixel decoder, and the mask
+        refiner's image features) for a `check_image`d image; `key` names it for a cache."""
+        pixels, box = self.preprocess(image)
+        last_stage, memory = self.vision.encode(pixels)
+        state = ImageState(key, box, last_stage, memory)
+        if self.mask_refiner is not None:
+            state.refiner_features = self.mask_refiner.image_features(pixels.to(self.device))
         return state
 
     def perception_prior(self, out: DecoderOutput, pos: torch.Tensor, side: int) -> PerceptionPrior:
@@ -407,52 +344,7 @@ class OmgLlava(nn.Module):
         state.perception, state.prior = out, prior
         state.visual_tokens = proj.image_sequence(pixel_tokens, object_tokens)
 
-    # -- chat -----------------------------------------------------------------------------------
-    @torch.no_grad()
-    def chat(
-        self,
-        image: np.ndarray,
-        text: str,
-        prompts: Sequence[Prompt] | None = None,
-        history: Conversation | None = None,
-        max_new_tokens: int | None = None,
-        logits_processor: LogitsProcessor | None = None,
-    ) -> ChatResult:
-        """Answer `text` about `image`. `prompts` fill the `<region>` / `<mark>` tokens of `text`, in order."""
-        if self.tokenizer is None or self.tokens is None:
-            raise RuntimeError("this model has no tokenizer; load converted weights with from_pretrained()")
-        if not isinstance(text, str):
-            raise TypeError(f"text must be a string, got {type(text).__name__}")
-        prompts = list(prompts or [])
-        n_slots = text.count(REGION_TOKEN) + text.count(MARK_TOKEN)
-        if n_slots != len(prompts):
-            raise ValueError(
-                f"the text has {n_slots} {REGION_TOKEN}/{MARK_TOKEN} token(s) but {len(prompts)} prompt(s) were given"
-            )
-        if IMAGE_TOKEN in text and history is not None and history.turns:
-            raise ValueError(f"{IMAGE_TOKEN} may only appear in the first turn")
-        state = self.set_image(image, perception=True)
-        past = list(history.turns) if history is not None else []
-        user = first_user_text(text) if not past else text
-        turns = past + [Turn(user=user, prompts=prompts)]
-
-        ids = self.conversation_ids(turns)
-        embeds = self._embed_conversation(ids, turns, state)
-        gen = greedy_generate(
-            self.llm,
-            embeds[None],
-            self.tokens.stop_ids,
-            self.tokens.seg,
-            max_new_tokens or self.config.max_new_tokens,
-            logits_processor,
-            (self.tokens.phrase_start, self.tokens.phrase_end),
-        )
-        answer = self.tokenizer.decode(gen.token_ids, skip_special_tokens=False)
-        turns[-1] = Turn(user=user, assistant=answer, prompts=prompts)
-        located = self._seg_points(gen, ids, state)
-        segments = self._decode_segs(gen.seg_hidden, state, phrases_for_segs(answer), located)
-        return ChatResult(answer, segments, Conversation(turns))
-
+    # -- conversation -----------------------------------------------------------------------------
     def conversation_ids(self, turns: list[Turn]) -> list[int]:
         """Token ids of the rendered conversation, with IMAGE_PLACEHOLDER where `<image>` was."""
         text = render_conversation(turns, self.config.system_prompt)
@@ -470,6 +362,23 @@ class OmgLlava(nn.Module):
         """`conversation_ids(turns)` → the LLM input, the turns' visual prompts in their slots."""
         prompts = [p for t in turns for p in t.prompts]
         return self.embed_ids(torch.tensor(ids, device=self.device), state, self.prompt_embeddings(prompts, state))
+
+    def generate(
+        self,
+        embeds: torch.Tensor,
+        max_new_tokens: int | None = None,
+        logits_processor: LogitsProcessor | None = None,
+    ) -> Generation:
+        """Greedy answer to the (L, hidden) LLM input `embeds`, with the `[SEG]` and phrase states."""
+        return greedy_generate(
+            self.llm,
+            embeds[None],
+            self.tokens.stop_ids,
+            self.tokens.seg,
+            max_new_tokens or self.config.max_new_tokens,
+            logits_processor,
+            (self.tokens.phrase_start, self.tokens.phrase_end),
+        )
 
     def embed_ids(
         self, ids: torch.Tensor, state: ImageState | None, prompt_embeds: torch.Tensor | None
@@ -606,33 +515,15 @@ class OmgLlava(nn.Module):
             segments.append(Segment(None, *_mask_and_score(logits[i]), query=queries[i].detach().cpu()))
         return segments
 
-    @torch.no_grad()
-    def follow(self, image: np.ndarray, segments: Sequence[Segment]) -> list[Segment]:
-        """The same objects on a new frame: only the encoder, pixel decoder and the cached queries."""
-        tracked = [s for s in segments if s.query is not None]
-        if len(tracked) != len(segments):
-            raise ValueError("every segment to follow needs its decoder query (segments from chat/perceive)")
-        state = self.set_image(image, perception=False)
-        if not segments:
-            return []
-        queries = torch.stack([s.query for s in segments]).to(self.device)
-        found = self._masks_for_queries(queries, state)
-        split = self.config.object_token_grid == "split"
-        for new, old in zip(found, segments, strict=True):
-            new.phrase, new.label = old.phrase, old.label
-            if split and old.mask.shape == new.mask.shape:
-                new.mask = piece_followed(new.mask, old.mask, self._piece_min_area(new.mask.shape))
-        return found
-
-    def _piece_min_area(self, shape: tuple[int, ...]) -> float:
+    def piece_min_area(self, shape: tuple[int, ...]) -> float:
         """PIECE_MIN_CELLS of the decoder's stride-4 mask grid, in pixels of an image of `shape`."""
         cell = max(shape[:2]) / (self.config.image_encoder.image_size // 4)
         return PIECE_MIN_CELLS * cell**2
 
-    @torch.no_grad()
-    def perceive(self, image: np.ndarray) -> list[Segment]:
-        """Panoptic segmentation by the frozen perception module alone (Mask2Former inference)."""
-        state = self.set_image(image, perception=True)
+    # -- panoptic segmentation --------------------------------------------------------------------
+    def panoptic_segments(self, state: ImageState) -> list[Segment]:
+        """Panoptic segmentation of an image's perception pass (Mask2Former inference), labelled
+        segments at the input size; `state` from `_perceive_state`."""
         out = state.perception
         cfg = self.config.decoder
         probs = out.class_logits[0].softmax(-1)
@@ -671,7 +562,7 @@ class OmgLlava(nn.Module):
             # Two objects alike under one query come out as one segment each ("split" object tokens).
             pieces = [mask]
             if self.config.object_token_grid == "split":
-                pieces = separate_pieces(mask, None, self._piece_min_area(mask.shape))
+                pieces = separate_pieces(mask, None, self.piece_min_area(mask.shape))
             for piece in pieces:
                 segments.append(Segment(None, piece, float(scores[q]), label=name, query=query))
         return segments
@@ -695,12 +586,6 @@ def _mask_and_score(logits: torch.Tensor) -> tuple[np.ndarray, float]:
     mask = logits > 0
     score = float(logits.sigmoid()[mask].mean()) if bool(mask.any()) else 0.0
     return mask.cpu().numpy(), score
-
-
-def _image_key(image: np.ndarray) -> str:
-    h = hashlib.blake2b(image.tobytes(), digest_size=16)
-    h.update(str(image.shape).encode())
-    return h.hexdigest()
 
 
 def _stored(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
