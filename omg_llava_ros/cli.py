@@ -255,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     from omg_llava_ros.replay.soak import add_soak_parser  # long replay with faults
 
     add_soak_parser(sub)
+    from omg_llava_ros.serving.cli import add_serve_parser  # the Triton server
+
+    add_serve_parser(sub)
     from omg_llava_ros.bench.cli import add_bench_parser  # the benchmark's own subcommand
 
     add_bench_parser(sub)

@@ -60,16 +60,19 @@ def parse_model_spec(spec: str | Path | None) -> ModelSpec:
     return ModelSpec("random", name)
 
 
-def load_model(spec: str | Path | ModelSpec | None = None, device: str = "cpu", backend: str = "torch") -> OmgLlava:
+def load_model(
+    spec: str | Path | ModelSpec | None = None, device: str = "cpu", backend: str = "torch", **backend_options: Any
+) -> OmgLlava:
     """Load the model `spec` names on `device` with its vision on `backend` (see
-    `model.vision_backend`). FileNotFoundError when the directory (or the embedded model) is absent."""
+    `model.vision_backend`; `backend_options` go to it, e.g. `url` for "triton").
+    FileNotFoundError when the directory (or the embedded model) is absent."""
     from omg_llava_ros.model.omg_llava import OmgLlava
 
     parsed = spec if isinstance(spec, ModelSpec) else parse_model_spec(spec)
     if parsed.kind == "random":
         log.warning("model %s: RANDOM weights (smoke tests and speed only: answers and masks mean nothing)", parsed)
-        return OmgLlava.from_config(parsed.value, device=device, backend=backend)
-    return OmgLlava.from_pretrained(parsed.value, device=device, backend=backend)
+        return OmgLlava.from_config(parsed.value, device=device, backend=backend, **backend_options)
+    return OmgLlava.from_pretrained(parsed.value, device=device, backend=backend, **backend_options)
 
 
 def add_model_argument(parser: argparse.ArgumentParser, help_text: str = MODEL_HELP) -> None:

@@ -252,7 +252,12 @@ def build_engines(
     return summary
 
 
-def vision_backend_plugin(name: str, model: OmgLlava, options: EngineOptions | None = None) -> VisionBackend:
+def vision_backend_plugin(
+    name: str, model: OmgLlava, options: EngineOptions | dict[str, Any] | None = None
+) -> VisionBackend:
     """The entry point behind `omg_llava_ros.model.vision_backend.load_vision_backend` for the
-    engines' names (pyproject.toml, group `omg_llava_ros.vision_backends`)."""
+    engines' names (pyproject.toml, group `omg_llava_ros.vision_backends`); a dict of options is read
+    as `EngineOptions` fields."""
+    if isinstance(options, dict):
+        options = EngineOptions(**options)
     return select_backend(name, model, options)

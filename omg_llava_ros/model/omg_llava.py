@@ -152,11 +152,16 @@ class OmgLlava(nn.Module):
     # -- construction ---------------------------------------------------------------------------
     @classmethod
     def from_config(
-        cls, name: str | OmgLlavaConfig = "tiny", device="cpu", seed: int | None = 0, backend: str = "torch"
+        cls,
+        name: str | OmgLlavaConfig = "tiny",
+        device="cpu",
+        seed: int | None = 0,
+        backend: str = "torch",
+        **backend_options: Any,
     ) -> OmgLlava:
         """A model with random weights. "official-7b" has the released shapes; on device="meta" it
         allocates nothing (and has no tokenizer: the InternLM2 one comes with converted weights).
-        `backend`: where the vision parts run, "torch" | "onnxruntime" | "tensorrt" | "auto"."""
+        `backend`, `backend_options`: where the vision parts run, as for `from_pretrained`."""
         config = get_config(name) if isinstance(name, str) else name
         if seed is not None and str(device) != "meta":
             torch.manual_seed(seed)
@@ -168,7 +173,7 @@ class OmgLlava(nn.Module):
         if str(device) != "meta":
             model._init_class_embed()
         if backend != "torch":
-            model.vision = load_vision_backend(backend, model)
+            model.vision = load_vision_backend(backend, model, backend_options or None)
         return model
 
     def _init_class_embed(self) -> None:
@@ -177,10 +182,16 @@ class OmgLlava(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path | None = None, device="cpu", llm_dtype: torch.dtype | None = None, backend: str = "torch"
+        cls,
+        path: str | Path | None = None,
+        device="cpu",
+        llm_dtype: torch.dtype | None = None,
+        backend: str = "torch",
+        **backend_options: Any,
     ):
         """Load a saved model directory; no argument loads the embedded default shipped in the package.
-        `backend`: where the vision parts run, "torch" | "onnxruntime" | "tensorrt" | "auto"."""
+        `backend`: where the vision parts run, "torch" | "onnxruntime" | "tensorrt" | "auto" | "triton";
+        `backend_options` go to it (e.g. `url="host:8000"` for "triton", `cache_dir=...` for the engines)."""
         from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -221,7 +232,7 @@ class OmgLlava(nn.Module):
             raise ValueError(f"{directory / VISION_WEIGHTS}: missing keys {missing}, unexpected keys {unexpected}")
         model.eval().requires_grad_(False)
         if backend != "torch":
-            model.vision = load_vision_backend(backend, model)
+            model.vision = load_vision_backend(backend, model, backend_options or None)
         return model
 
     def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> None:

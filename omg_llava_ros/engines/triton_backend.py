@@ -1,0 +1,184 @@
+"""Triton vision backend: the model's image work on a Triton Inference Server, the LLM kept local.
+
+    model = OmgLlava.from_pretrained(backend="triton", url="gpu-server:8000")
+
+The server (`omg-llava-ros serve`, `serving.triton_server`) hosts the exported encoder and decoder
+graphs under names made from the content hash of the vision weights (`model_fingerprint`), so this
+client asks for exactly its own weights: a server holding other weights answers with a clear error,
+never with another model's masks. The per-image memories travel with each decoder call (the server
+keeps no state, so any replica can answer any call and a restarted server loses nothing).
+
+Every call has a timeout; a server that is down, restarting or slow gives `VisionServerError` for
+that call (the pipeline reports it and goes on) and the next call connects afresh. tritonclient's
+HTTP client is not thread-safe, so each thread gets its own connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from omg_llava_ros.engines.export import model_fingerprint
+from omg_llava_ros.engines.graph_vision import GraphVision
+from omg_llava_ros.engines.spec import BackendUnavailableError, GraphSpec, memory_positions
+from omg_llava_ros.serving.triton_server import INFO_MODEL, triton_model_name
+
+if TYPE_CHECKING:
+    from omg_llava_ros.model.omg_llava import OmgLlava
+
+log = logging.getLogger(__name__)
+
+_TRITON_TYPES = {np.dtype(np.float32): "FP32", np.dtype(np.bool_): "BOOL", np.dtype(np.int32): "INT32"}
+
+
+class VisionServerError(RuntimeError):
+    """A vision call to the Triton server failed (down, timed out, restarting, wrong model)."""
+
+
+@dataclass
+class TritonOptions:
+    """url: "host:port" of the server's HTTP endpoint; timeout_s: per call (connection and answer)."""
+
+    url: str = "127.0.0.1:8000"
+    timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.url or "/" in self.url:
+            raise ValueError(f"TritonOptions.url must be 'host:port' (no scheme), got {self.url!r}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"TritonOptions.timeout_s must be > 0, got {self.timeout_s}")
+
+
+def import_triton_http() -> Any:
+    try:
+        import tritonclient.http as http
+    except ImportError as err:
+        raise BackendUnavailableError("the Triton client is not installed: `pip install tritonclient[http]`") from err
+    return http
+
+
+class TritonVision(GraphVision):
+    """`VisionBackend` whose graphs run on a Triton server; tensors come back on `device`."""
+
+    name = "triton"
+
+    def __init__(self, spec: GraphSpec, fingerprint: str, options: TritonOptions, device: torch.device | str = "cpu"):
+        self.http = import_triton_http()
+        self.spec = spec
+        self.fingerprint = fingerprint
+        self.options = options
+        self.device = torch.device(device)
+        self.positions = memory_positions(spec, self.device)
+        self._local = threading.local()
+
+    # -- GraphVision ----------------------------------------------------------------------------
+    def run_encoder(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self._infer("encoder", {"pixels": pixels}, self.spec.encoder_output_shapes(len(pixels)))
+
+    def run_decoder(
+        self, role: str, feeds: dict[str, torch.Tensor], batch: int, queries: int
+    ) -> dict[str, torch.Tensor]:
+        return self._infer(role, feeds, self.spec.decoder_output_shapes(batch, queries))
+
+    # -- the server -------------------------------------------------------------------------------
+    def served(self) -> dict[str, Any]:
+        """The server's `omg_llava_info` document (fingerprints served, encoder batch counts)."""
+        import json
+
+        http = self.http
+        request = http.InferInput("request", [1], "INT32")
+        request.set_data_from_numpy(np.zeros(1, np.int32))
+        result = self._call(INFO_MODEL, [request], [http.InferRequestedOutput("info", binary_data=True)])
+        return json.loads(result.as_numpy("info")[0])
+
+    def check_server(self) -> None:
+        """Raise VisionServerError unless the server is up and serves this model's graphs."""
+        models = self.served().get("models", {})
+        if self.fingerprint not in models:
+            raise VisionServerError(
+                f"the Triton server at {self.options.url} does not serve this model's vision graphs "
+                f"(fingerprint {self.fingerprint[:16]}); it serves {sorted(f[:16] for f in models) or 'none'}: "
+                "start `omg-llava-ros serve` with this model"
+            )
+
+    def _infer(self, role: str, feeds: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]):
+        http = self.http
+        inputs = []
+        for name, tensor in feeds.items():
+            array = np.ascontiguousarray(tensor.detach().cpu().numpy())
+            item = http.InferInput(name, list(array.shape), _TRITON_TYPES[array.dtype])
+            item.set_data_from_numpy(array, binary_data=True)
+            inputs.append(item)
+        outputs = [http.InferRequestedOutput(name, binary_data=True) for name in shapes]
+        result = self._call(triton_model_name(self.fingerprint, role), inputs, outputs)
+        out = {}
+        for name, shape in shapes.items():
+            array = result.as_numpy(name)
+            if array is None or tuple(array.shape) != tuple(shape):
+                got = None if array is None else tuple(array.shape)
+                raise VisionServerError(f"the Triton server's {role} returned {name} of shape {got}, expected {shape}")
+            out[name] = torch.from_numpy(np.array(array, copy=True)).to(self.device)
+        return out
+
+    def _call(self, model_name: str, inputs: list[Any], outputs: list[Any]) -> Any:
+        from tritonclient.utils import InferenceServerException
+
+        client = self._client()
+        try:
+            return client.infer(model_name, inputs, outputs=outputs, timeout=int(self.options.timeout_s * 1e6))
+        except InferenceServerException as err:
+            self._drop_client()
+            text = str(err)
+            if "unknown model" in text or "not found" in text:
+                raise VisionServerError(
+                    f"the Triton server at {self.options.url} has no model {model_name!r} (it serves other weights, "
+                    "or is still loading): start `omg-llava-ros serve` with this model"
+                ) from err
+            raise VisionServerError(f"Triton server at {self.options.url}, {model_name}: {text}") from err
+        except Exception as err:  # connection refused or reset, timeouts: the transport's own types
+            self._drop_client()
+            raise VisionServerError(
+                f"Triton server at {self.options.url} unreachable for {model_name}: {type(err).__name__}: {err}"
+            ) from err
+
+    def _client(self) -> Any:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            timeout = self.options.timeout_s
+            client = self.http.InferenceServerClient(
+                self.options.url, connection_timeout=timeout, network_timeout=timeout
+            )
+            self._local.client = client
+        return client
+
+    def _drop_client(self) -> None:
+        """Forget this thread's connection, so the next call reconnects (a restarted server)."""
+        client = getattr(self._local, "client", None)
+        self._local.client = None
+        if client is not None:
+            # A broken connection may fail to close; it is dropped anyway.
+            with contextlib.suppress(Exception):
+                client.close()
+
+
+def triton_vision(model: OmgLlava, options: TritonOptions | dict[str, Any] | None = None) -> TritonVision:
+    """The Triton backend for `model`, checked against the server (VisionServerError if it is down
+    or serves other weights)."""
+    if isinstance(options, dict):
+        options = TritonOptions(**options)
+    options = options or TritonOptions()
+    vision = TritonVision(GraphSpec.from_model(model), model_fingerprint(model), options, model.device)
+    vision.check_server()
+    log.info("Triton vision backend: %s, graphs %s", options.url, vision.fingerprint[:16])
+    return vision
+
+
+def vision_backend_plugin(name: str, model: OmgLlava, options: Any = None) -> TritonVision:
+    """The entry point `triton` (pyproject.toml, group `omg_llava_ros.vision_backends`)."""
+    return triton_vision(model, options)

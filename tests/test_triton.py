@@ -1,0 +1,207 @@
+"""The Triton vision backend against a real Triton server (PyTriton) on loopback.
+
+The server runs in its own environment (`omg_llava_ros/serving/requirements-triton.txt`; `.ci/run`
+builds `.venv-triton`), started by the real `omg-llava-ros serve` command.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from omg_llava_ros.pipeline.driver import process_frame
+from omg_llava_ros.pipeline.pipeline import PerceptionPipeline
+from omg_llava_ros.pipeline.types import Frame
+from omg_llava_ros.serving.cli import find_server_python
+
+pytest.importorskip("tritonclient.http", reason="the Triton client is in requirements.txt")
+
+try:
+    SERVER_PYTHON = find_server_python()
+except ValueError as err:  # pragma: no cover - .ci/run builds the server environment
+    pytest.skip(f"no Triton server environment: {err}", allow_module_level=True)
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+class Server:
+    """`omg-llava-ros serve` for the embedded model on free ports; stopped with SIGTERM."""
+
+    def __init__(self, max_batch: int = 4):
+        self.http, self.grpc, self.metrics = _free_ports(3)
+        self.max_batch = max_batch
+        self.process: subprocess.Popen | None = None
+        self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"omg_triton_{self.http}.log"
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.http}"
+
+    def start(self, timeout_s: float = 180.0) -> Server:
+        argv = [sys.executable, "-m", "omg_llava_ros.cli", "serve", "--server-python", SERVER_PYTHON]
+        argv += ["--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics)]
+        argv += ["--max-batch", str(self.max_batch), "--threads", "1"]
+        out = self.log.open("w")
+        self.process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if "server ready" in self.log.read_text(errors="replace"):
+                return self
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.5)
+        tail = self.log.read_text(errors="replace")[-3000:]
+        self.stop()
+        raise AssertionError(f"the Triton server did not start:\n{tail}")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server().start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def models(server):
+    from omg_llava_ros import OmgLlava
+
+    local = OmgLlava.from_pretrained(backend="onnxruntime", build_if_missing=True)
+    remote = OmgLlava.from_pretrained(backend="triton", url=server.url)
+    return local, remote
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else 1.0
+
+
+def _scenes(count: int, seed: int):
+    from omg_llava_ros.training.evaluate import _scene
+
+    rng = np.random.default_rng(seed)
+    return [_scene(rng, 256, "ours") for _ in range(count)]
+
+
+def test_remote_vision_answers_as_local_engines(models):
+    local, remote = models
+    assert type(remote.vision).__name__ == "TritonVision"
+    masks = 0
+    for scene in _scenes(3, seed=11):
+        target = scene.objects[0]
+        for question in (f"Segment the {target.color} {target.shape}.", "Describe the image."):
+            a, b = local.chat(scene.image, question), remote.chat(scene.image, question)
+            assert b.text == a.text
+            assert len(b.segments) == len(a.segments)
+            for x, y in zip(a.segments, b.segments, strict=True):
+                assert _iou(x.mask, y.mask) >= 0.99
+                masks += 1
+            followed_a, followed_b = local.follow(scene.image, a.segments), remote.follow(scene.image, b.segments)
+            for x, y in zip(followed_a, followed_b, strict=True):
+                assert _iou(x.mask, y.mask) >= 0.99
+        assert len(remote.perceive(scene.image)) == len(local.perceive(scene.image))
+    assert masks >= 3  # the referring questions were grounded
+
+
+def test_concurrent_clients_are_batched_and_each_gets_its_own_answer(models):
+    _, remote = models
+    vision = remote.vision
+    images = [torch.from_numpy(np.random.default_rng(i).random((1, 3, 256, 256), dtype=np.float32)) for i in range(4)]
+    alone = [vision.run_encoder(x)["last_stage"] for x in images]
+    before = vision.served()["models"][vision.fingerprint]["encoder_batch_runs"]
+    results: dict[tuple[int, int], torch.Tensor] = {}
+    start = threading.Barrier(len(images))
+
+    def client(i: int) -> None:
+        start.wait()
+        for k in range(6):
+            results[i, k] = vision.run_encoder(images[i])["last_stage"]
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(images))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for (i, _), out in results.items():
+        torch.testing.assert_close(out, alone[i], rtol=1e-4, atol=1e-4)  # nobody got a neighbour's features
+    after = vision.served()["models"][vision.fingerprint]["encoder_batch_runs"]
+    batched = {size: after.get(size, 0) - before.get(size, 0) for size in after if int(size) > 1}
+    assert sum(batched.values()) > 0, f"no request was batched: {before} -> {after}"
+
+
+def test_a_server_with_other_weights_or_none_gives_a_clear_error(server, models):
+    from omg_llava_ros.engines.triton_backend import TritonOptions, TritonVision, VisionServerError
+
+    _, remote = models
+    other = TritonVision(remote.vision.spec, "0" * 64, TritonOptions(url=server.url))
+    with pytest.raises(VisionServerError, match="does not serve this model"):
+        other.check_server()
+    with pytest.raises(VisionServerError, match="has no model"):
+        other.run_encoder(torch.zeros(1, 3, 256, 256))
+    (closed,) = _free_ports(1)
+    down = TritonVision(remote.vision.spec, remote.vision.fingerprint, TritonOptions(url=f"127.0.0.1:{closed}"))
+    with pytest.raises(VisionServerError, match="unreachable"):
+        down.run_encoder(torch.zeros(1, 3, 256, 256))
+
+
+def test_server_killed_and_restarted_mid_stream_loses_no_frame(models):
+    """Every frame is answered or reported while the server is down, and answers resume after it
+    comes back on the same port (each call reconnects)."""
+    from omg_llava_ros.engines.triton_backend import TritonOptions, triton_vision
+
+    local, _ = models
+    own = Server().start()
+    try:
+        from omg_llava_ros import OmgLlava
+
+        remote = OmgLlava.from_pretrained()
+        remote.vision = triton_vision(remote, TritonOptions(url=own.url, timeout_s=5.0))
+        pipeline = PerceptionPipeline(remote)
+        scene = _scenes(1, seed=5)[0]
+        target = scene.objects[0]
+        pipeline.set_command(f"Segment the {target.color} {target.shape}.", (0, 0))
+        outcomes = []
+
+        def run(frames: range) -> None:
+            for n in frames:
+                outcomes.append((n, process_frame(pipeline, Frame(scene.image, (n + 1, 0), "camera"))))
+
+        run(range(0, 3))
+        own.stop()
+        run(range(3, 6))
+        own.start()
+        run(range(6, 9))
+    finally:
+        own.stop()
+    assert [n for n, _ in outcomes] == list(range(9))
+    down = [o for n, o in outcomes if n in range(3, 6)]
+    assert all(o.error is not None and "Triton server" in o.error for o in down), down
+    assert all(o.result is not None and o.result.objects for n, o in outcomes if n not in range(3, 6))
