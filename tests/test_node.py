@@ -504,6 +504,7 @@ def test_launch_file_renders_to_the_installed_executable_with_params_and_remaps(
     assert overrides == {
         "model_path": "",
         "backend": "torch",
+        "triton_url": "127.0.0.1:8000",
         "build_engines": False,
         "input_compressed": False,
         "use_depth": False,

@@ -6,6 +6,7 @@ builds `.venv-triton`), started by the real `omg-llava-ros serve` command.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -205,3 +206,17 @@ def test_server_killed_and_restarted_mid_stream_loses_no_frame(models):
     down = [o for n, o in outcomes if n in range(3, 6)]
     assert all(o.error is not None and "Triton server" in o.error for o in down), down
     assert all(o.result is not None and o.result.objects for n, o in outcomes if n not in range(3, 6))
+
+
+def test_node_parameters_attach_the_server_or_wait_for_it(server, caplog):
+    from omg_llava_ros.ros.node import load_model
+    from omg_llava_ros.ros.parameters import NodeParameters
+
+    log = logging.getLogger("test_node_triton")
+    model = load_model(NodeParameters(backend="triton", triton_url=server.url, device="cpu"), log)
+    assert type(model.vision).__name__ == "TritonVision" and model.vision.reachable
+    (closed,) = _free_ports(1)
+    with caplog.at_level(logging.WARNING, logger="test_node_triton"):
+        waiting = load_model(NodeParameters(backend="triton", triton_url=f"127.0.0.1:{closed}", device="cpu"), log)
+    assert not waiting.vision.reachable
+    assert "not reachable yet" in caplog.text

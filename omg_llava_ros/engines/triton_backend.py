@@ -75,6 +75,7 @@ class TritonVision(GraphVision):
         self.options = options
         self.device = torch.device(device)
         self.positions = memory_positions(spec, self.device)
+        self.reachable = True  # False: the server did not answer when the backend was made
         self._local = threading.local()
 
     # -- GraphVision ----------------------------------------------------------------------------
@@ -167,14 +168,22 @@ class TritonVision(GraphVision):
                 client.close()
 
 
-def triton_vision(model: OmgLlava, options: TritonOptions | dict[str, Any] | None = None) -> TritonVision:
-    """The Triton backend for `model`, checked against the server (VisionServerError if it is down
-    or serves other weights)."""
+def triton_vision(
+    model: OmgLlava, options: TritonOptions | dict[str, Any] | None = None, require_server: bool = True
+) -> TritonVision:
+    """The Triton backend for `model`, checked against the server: VisionServerError if it serves
+    other weights, or if it is unreachable and `require_server` (else `reachable` is False and each
+    call fails until it is up)."""
     if isinstance(options, dict):
         options = TritonOptions(**options)
     options = options or TritonOptions()
     vision = TritonVision(GraphSpec.from_model(model), model_fingerprint(model), options, model.device)
-    vision.check_server()
+    try:
+        vision.check_server()
+    except VisionServerError as err:
+        if require_server or "unreachable" not in str(err):
+            raise
+        vision.reachable = False
     log.info("Triton vision backend: %s, graphs %s", options.url, vision.fingerprint[:16])
     return vision
 

@@ -586,6 +586,9 @@ def load_model(params: NodeParameters, log: logging.Logger | Any) -> Any:
 def _attach_backend(model: Any, params: NodeParameters, log: logging.Logger | Any) -> None:
     if params.backend == "torch":
         return
+    if params.backend == "triton":
+        _attach_triton(model, params, log)
+        return
     try:
         from omg_llava_ros.engines import EngineOptions, select_backend
         from omg_llava_ros.engines.backend import BUILD_IF_MISSING_HINT
@@ -610,3 +613,17 @@ def _attach_backend(model: Any, params: NodeParameters, log: logging.Logger | An
         # The engines' hint names the Python API's switch; a node user sets the parameter.
         reason = str(exc).replace(BUILD_IF_MISSING_HINT, "set the parameter build_engines:=true to build at configure")
         raise ConfigurationError(f"vision backend {params.backend!r} unavailable: {reason}") from exc
+
+
+def _attach_triton(model: Any, params: NodeParameters, log: logging.Logger | Any) -> None:
+    """A server that is not up yet is only warned about (robots often start before the server; each
+    frame is reported until it answers); one that serves other weights fails configure."""
+    from omg_llava_ros.engines.triton_backend import TritonOptions, VisionServerError, triton_vision
+
+    try:
+        options = TritonOptions(url=params.triton_url, timeout_s=params.triton_timeout_s)
+        model.vision = triton_vision(model, options, require_server=False)
+    except (VisionServerError, ValueError, ImportError) as exc:
+        raise ConfigurationError(f"vision backend 'triton' unavailable: {exc}") from exc
+    if not model.vision.reachable:
+        log.warning("Triton server %s not reachable yet; frames are reported as errors until it is", params.triton_url)

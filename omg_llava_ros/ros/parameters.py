@@ -18,7 +18,7 @@ from omg_llava_ros.pipeline.pipeline import PipelineConfig
 NODE_NAME = "omg_llava"
 RELIABILITIES = ("reliable", "best_effort")
 DURABILITIES = ("volatile", "transient_local")
-BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt", "triton")
 STAMP_SOURCES = ("latest_frame", "clock", "none")
 MASK_ENCODINGS = ("auto", "mono8", "mono16")
 
@@ -52,7 +52,13 @@ class NodeParameters:
     model_path: str = _p(
         "", "model directory; empty = the embedded default; 'config:tiny' = random weights (smoke test)"
     )
-    backend: str = _p("auto", "vision backend: auto, torch, onnxruntime or tensorrt")
+    backend: str = _p("auto", "vision backend: auto, torch, onnxruntime, tensorrt or triton (a server: triton_url)")
+    triton_url: str = _p(
+        "127.0.0.1:8000", "backend triton: host:port of the server's HTTP endpoint (omg-llava-ros serve)"
+    )
+    triton_timeout_s: float = _p(
+        10.0, "backend triton: per-call timeout; a failed call is reported, the next reconnects"
+    )
     device: str = _p("auto", "torch device for the model: auto (cuda when available), cpu, cuda, cuda:1 ...")
     build_engines: bool = _p(
         False,
@@ -116,6 +122,8 @@ class NodeParameters:
         for name in ("max_new_tokens", "max_cloud_points"):
             if getattr(self, name) < 0:
                 raise ValueError(f"parameter {name} must be >= 0, got {getattr(self, name)}")
+        if self.triton_timeout_s <= 0:
+            raise ValueError(f"parameter triton_timeout_s must be > 0, got {self.triton_timeout_s}")
         for name in ("command_frame_tolerance_s", "depth_max_offset_s", "action_timeout_s", "stats_period_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"parameter {name} must be >= 0, got {getattr(self, name)}")

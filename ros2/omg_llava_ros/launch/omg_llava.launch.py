@@ -26,7 +26,8 @@ from launch_ros.parameter_descriptions import ParameterValue
 ARGUMENTS: tuple[tuple[str, str, str], ...] = (
     ("namespace", "", "namespace of the node (topics become /<namespace>/omg_llava/...)"),
     ("model_path", "", "model directory; empty = the embedded default model"),
-    ("backend", "auto", "vision backend: auto, torch, onnxruntime or tensorrt"),
+    ("backend", "auto", "vision backend: auto, torch, onnxruntime, tensorrt or triton"),
+    ("triton_url", "127.0.0.1:8000", "backend triton: host:port of the server (omg-llava-ros serve)"),
     ("build_engines", "false", "build missing engines at start (minutes); default: fail or fall back loudly"),
     ("image_topic", "/camera/image_raw", "colour image (sensor_msgs/Image; <topic>/compressed when compressed)"),
     ("input_compressed", "false", "subscribe <image_topic>/compressed (CompressedImage) instead"),
@@ -57,6 +58,7 @@ def generate_launch_description() -> LaunchDescription:
                 # Typed explicitly: an empty string would otherwise be read as YAML null.
                 "model_path": ParameterValue(args["model_path"], value_type=str),
                 "backend": ParameterValue(args["backend"], value_type=str),
+                "triton_url": ParameterValue(args["triton_url"], value_type=str),
                 "build_engines": ParameterValue(args["build_engines"], value_type=bool),
                 "input_compressed": ParameterValue(args["input_compressed"], value_type=bool),
                 "use_depth": ParameterValue(args["use_depth"], value_type=bool),
