@@ -220,3 +220,17 @@ def test_node_parameters_attach_the_server_or_wait_for_it(server, caplog):
         waiting = load_model(NodeParameters(backend="triton", triton_url=f"127.0.0.1:{closed}", device="cpu"), log)
     assert not waiting.vision.reachable
     assert "not reachable yet" in caplog.text
+
+
+def test_fleet_bench_reports_overhead_and_throughput(server):
+    from omg_llava_ros.bench.fleet import bench_fleet, format_fleet
+
+    report = bench_fleet(server.url, clients=(1, 2), frames=3, repeats=2)
+    assert set(report["clients"]) == {"1", "2"}
+    for figures in report["clients"].values():
+        assert figures["frames_per_s"] > 0 and figures["ratio_to_local"] > 0
+    for side in ("onnxruntime", "triton"):
+        assert report["per_call_ms"][side]["encoder_ms"] > 0 and report["per_call_ms"][side]["decoder_ms"] > 0
+    assert sum(report["server_encoder_batch_runs"].values()) > 0
+    text = format_fleet(report)
+    assert "× local" in text and server.url in text

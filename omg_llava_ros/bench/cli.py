@@ -18,7 +18,7 @@ from omg_llava_ros.loading import add_model_argument
 
 log = logging.getLogger(__name__)
 
-BACKEND_CHOICES = ("torch", "onnxruntime", "tensorrt", "auto")
+BACKEND_CHOICES = ("torch", "onnxruntime", "tensorrt", "auto", "triton")
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -76,6 +76,13 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         help="with --ros2: frames of one moving scene published at 30 Hz after the latency runs, answered and "
         "dropped frames counted (0: skip)",
     )
+    p.add_argument(
+        "--triton-url",
+        default="127.0.0.1:8000",
+        help="backend triton: the server (omg-llava-ros serve); the run adds its per-call cost and the "
+        "throughput of --clients concurrent follow-mode clients against one local pipeline",
+    )
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4], help="backend triton: fleet sizes")
     p.set_defaults(func=cmd_bench)
     return p
 
@@ -114,6 +121,14 @@ def load_bench_model(args: argparse.Namespace) -> tuple[Any, str, str]:
 
 
 def attach_backend(model: Any, args: argparse.Namespace, threads: int) -> None:
+    if args.backend == "triton":
+        from omg_llava_ros.engines.triton_backend import TritonOptions, VisionServerError, triton_vision
+
+        try:
+            model.vision = triton_vision(model, TritonOptions(url=args.triton_url))
+        except (VisionServerError, ValueError) as err:
+            raise SystemExit(f"error: vision backend triton: {err}") from None
+        return
     if args.backend == "torch":
         from omg_llava_ros.model.vision_backend import TorchVision
 
@@ -249,6 +264,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(format_report(report))
     if len(reports) > 1:
         print(format_comparison(reports))
+    if "triton" in reports:
+        from omg_llava_ros.bench.fleet import bench_fleet, format_fleet
+
+        with busy_processes(args.load):
+            fleet = bench_fleet(args.triton_url, args.clients, seed=args.seed, progress=progress)
+        print(format_fleet(fleet))
+        reports["triton"]["fleet"] = fleet
     if args.json:
         print(json.dumps(reports if len(reports) > 1 else next(iter(reports.values()))))
     return 0
