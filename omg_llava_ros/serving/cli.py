@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from omg_llava_ros.loading import MODEL_HELP
+from omg_llava_ros.serving.triton_server import SERVER_OPTIONS, add_server_arguments
 
 ENV_SERVER_PYTHON = "OMG_LLAVA_ROS_TRITON_PYTHON"
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]
@@ -50,7 +51,7 @@ def find_server_python(explicit: str | None = None) -> str:
 def server_command(python: str, export_dirs: list[Path], args: Any) -> tuple[list[str], dict[str, str]]:
     """argv and environment of the server process."""
     argv = [python, "-m", "omg_llava_ros.serving.triton_server", "--engines", *map(str, export_dirs)]
-    for flag in ("http_port", "grpc_port", "metrics_port", "max_batch", "queue_delay_us", "threads"):
+    for flag in SERVER_OPTIONS:
         argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_PARENT), env.get("PYTHONPATH", "")) if p)
@@ -87,10 +88,5 @@ def add_serve_parser(sub: Any) -> None:
     p.add_argument("--model", action="append", help=MODEL_HELP + " (repeat to serve several)")
     p.add_argument("--cache-dir", default=None, help="engine cache (default: as build-engines)")
     p.add_argument("--server-python", default=None, help="interpreter of the server's environment (PyTriton)")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--metrics-port", type=int, default=8002)
-    p.add_argument("--max-batch", type=int, default=4, help="largest encoder batch (1: no dynamic batching)")
-    p.add_argument("--queue-delay-us", type=int, default=2000, help="how long the batcher waits to fill a batch")
-    p.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads per graph")
+    add_server_arguments(p)
     p.set_defaults(func=cmd_serve)

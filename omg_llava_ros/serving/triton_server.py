@@ -196,15 +196,23 @@ def serve(
         log.info("stopping")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m omg_llava_ros.serving.triton_server", description=__doc__)
-    p.add_argument("--engines", type=Path, nargs="+", required=True, help="export folders (export.json inside)")
+SERVER_OPTIONS = ("http_port", "grpc_port", "metrics_port", "max_batch", "queue_delay_us", "threads")
+
+
+def add_server_arguments(p: argparse.ArgumentParser) -> None:
+    """The server's options (`SERVER_OPTIONS`), shared with `omg-llava-ros serve`."""
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--max-batch", type=int, default=4, help="largest encoder batch (1: no dynamic batching)")
     p.add_argument("--queue-delay-us", type=int, default=2000, help="how long the batcher waits to fill a batch")
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads per graph")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m omg_llava_ros.serving.triton_server", description=__doc__)
+    p.add_argument("--engines", type=Path, nargs="+", required=True, help="export folders (export.json inside)")
+    add_server_arguments(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     ports = (args.http_port, args.grpc_port, args.metrics_port)
