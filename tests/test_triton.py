@@ -234,3 +234,11 @@ def test_fleet_bench_reports_overhead_and_throughput(server):
     assert sum(report["server_encoder_batch_runs"].values()) > 0
     text = format_fleet(report)
     assert "× local" in text and server.url in text
+
+
+def test_server_prefers_tensorrt_then_cuda_and_keeps_the_cpu():
+    from omg_llava_ros.serving.triton_server import session_providers
+
+    assert session_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    gpu = ["CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"]
+    assert session_providers(gpu) == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]

@@ -7,6 +7,9 @@ numpy, ONNX Runtime and PyTriton (no torch, nothing else of this package), becau
 server's own environment: PyTriton 0.7 pins numpy < 2, which the rest of the package does not
 (`serving/requirements-triton.txt`).
 
+ONNX Runtime runs the graphs: on the CPU here, through its TensorRT or CUDA provider on a GPU server
+that installs onnxruntime-gpu (`session_providers`).
+
 Each DIR is an export folder (`export.json` + `{role}.onnx`, `engines.export`). Per model it binds
 one Triton model per graph, named `omg_{fingerprint[:16]}_{role}`, so a client asks by the content
 hash of its own weights and a server holding other weights answers "model not found" instead of
@@ -48,6 +51,16 @@ def _graph_file(directory: Path, role: str, sha256: str) -> Path:
     return fused if fused.is_file() else directory / f"{role}.onnx"
 
 
+# On a GPU server with onnxruntime-gpu (instead of onnxruntime in requirements-triton.txt), ONNX
+# Runtime builds TensorRT engines through its TensorRT provider, else runs the CUDA one.
+PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+def session_providers(available: list[str]) -> list[str]:
+    """The execution providers the sessions use: TensorRT, then CUDA where present, the CPU last."""
+    return [p for p in PREFERRED_PROVIDERS if p in available] + ["CPUExecutionProvider"]
+
+
 class GraphModels:
     """The sessions of one export folder and the PyTriton bindings that run them."""
 
@@ -64,10 +77,9 @@ class GraphModels:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.add_session_config_entry("session.force_spinning_stop", "1")
+        self.providers = session_providers(ort.get_available_providers())
         self.sessions = {
-            role: ort.InferenceSession(
-                str(_graph_file(directory, role, sha)), options, providers=["CPUExecutionProvider"]
-            )
+            role: ort.InferenceSession(str(_graph_file(directory, role, sha)), options, providers=self.providers)
             for role, sha in files.items()
         }
         self.batch_runs: Counter[int] = Counter()
@@ -144,6 +156,7 @@ def info_model(models: list[GraphModels]):
             "models": {
                 m.fingerprint: {
                     "roles": sorted(m.sessions),
+                    "providers": m.providers,
                     "encoder_batch_runs": {str(k): v for k, v in sorted(m.batch_runs.items())},
                 }
                 for m in models
@@ -185,8 +198,9 @@ def serve(
         )
         triton.run()
         log.info(
-            "serving %s on http :%d, grpc :%d (pid %d)",
+            "serving %s (%s) on http :%d, grpc :%d (pid %d)",
             ", ".join(m.fingerprint[:16] for m in models),
+            ", ".join(models[0].providers) if models else "-",
             http_port,
             grpc_port,
             os.getpid(),
