@@ -158,6 +158,25 @@ def test_concurrent_clients_are_batched_and_each_gets_its_own_answer(models):
     assert sum(batched.values()) > 0, f"no request was batched: {before} -> {after}"
 
 
+def test_memory_stays_on_the_server_and_a_forgotten_image_is_encoded_again(models):
+    local, remote = models
+    vision = remote.vision
+    pixels, _ = local.preprocess(_scenes(1, seed=9)[0].image)
+    last_stage, memory = vision.encode(pixels)
+    assert memory.mask_features.device.type == "meta"  # nothing but shapes came back
+    local_stage, local_memory = local.vision.encode(pixels)
+    torch.testing.assert_close(last_stage, local_stage, rtol=1e-4, atol=1e-4)
+    query = torch.randn(1, 3, vision.spec.hidden_dim, generator=torch.Generator().manual_seed(0))
+    expected = local.vision.decode(query, query, local_memory, with_class=True)
+    first = vision.decode(query, query, memory, with_class=True)
+    vision._remote[id(memory.mask_features)][0] = "0" * 32  # as after an eviction or a server restart
+    again = vision.decode(query, query, memory, with_class=True)
+    assert vision._remote[id(memory.mask_features)][0] != "0" * 32  # encoded again under a new id
+    for out in (first, again):
+        torch.testing.assert_close(out.mask_logits[-1], expected.mask_logits[-1], rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(out.class_logits, expected.class_logits, rtol=1e-3, atol=1e-3)
+
+
 def test_a_server_with_other_weights_or_none_gives_a_clear_error(server, models):
     from omg_llava_ros.engines.triton_backend import TritonOptions, TritonVision, VisionServerError
 

@@ -5,8 +5,11 @@
 The server (`omg-llava-ros serve`, `serving.triton_server`) hosts the exported encoder and decoder
 graphs under names made from the content hash of the vision weights (`model_fingerprint`), so this
 client asks for exactly its own weights: a server holding other weights answers with a clear error,
-never with another model's masks. The per-image memories travel with each decoder call (the server
-keeps no state, so any replica can answer any call and a restarted server loses nothing).
+never with another model's masks. The image's memory (2.6 MB) stays on the server: `encode` brings
+back only the last encoder stage and the id the server keeps the memory under, and the returned
+`DecoderMemory` holds shape-only ("meta") tensors; `decode` names the id. An id the server no longer
+has (evicted, or a restarted server) makes the client encode its image again (it keeps the last few
+images' pixels), so the caller never sees it.
 
 Every call has a timeout; a server that is down, restarting or slow gives `VisionServerError` for
 that call (the pipeline reports it and goes on) and the next call connects afresh. tritonclient's
@@ -18,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,9 +29,10 @@ import numpy as np
 import torch
 
 from omg_llava_ros.engines.export import model_fingerprint
-from omg_llava_ros.engines.graph_vision import GraphVision
+from omg_llava_ros.engines.graph_vision import GraphVision, decoder_feeds, decoder_role
 from omg_llava_ros.engines.spec import BackendUnavailableError, GraphSpec, memory_positions
-from omg_llava_ros.serving.triton_server import INFO_MODEL, triton_model_name
+from omg_llava_ros.model.omg_decoder import DecoderMemory, DecoderOutput, QueryConstraints
+from omg_llava_ros.serving.triton_server import CACHED, IMAGE_ID, INFO_MODEL, UNKNOWN_IMAGE, triton_model_name
 
 if TYPE_CHECKING:
     from omg_llava_ros.model.omg_llava import OmgLlava
@@ -77,6 +82,11 @@ class TritonVision(GraphVision):
         self.positions = memory_positions(spec, self.device)
         self.reachable = True  # False: the server did not answer when the backend was made
         self._local = threading.local()
+        # Per image encoded: its id on the server and its pixels (to encode it again on a miss), by
+        # the id() of the meta mask_features tensor of the DecoderMemory handed out; the entry goes
+        # when that tensor does (tensors compare elementwise, so they cannot be dict keys themselves).
+        self._remote: dict[int, list[Any]] = {}
+        self._remote_lock = threading.Lock()
 
     # -- GraphVision ----------------------------------------------------------------------------
     def run_encoder(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -86,6 +96,63 @@ class TritonVision(GraphVision):
         self, role: str, feeds: dict[str, torch.Tensor], batch: int, queries: int
     ) -> dict[str, torch.Tensor]:
         return self._infer(role, feeds, self.spec.decoder_output_shapes(batch, queries))
+
+    def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, DecoderMemory]:
+        """One image: its memory stays on the server (see the module docstring). Several at once:
+        the memories come back, as from the other engines."""
+        self.spec.check_pixels(pixels)
+        if len(pixels) != 1:
+            return super().encode(pixels)
+        last_stage, image_id = self._encode_remote(pixels.float())
+        shapes = self.spec.encoder_output_shapes(1)
+        memory = DecoderMemory(
+            torch.empty(shapes["mask_features"], device="meta"),
+            [torch.empty(shapes[name], device="meta") for name in self.spec.memory_names],
+            self.positions,
+            [tuple(s) for s in self.spec.level_shapes],
+        )
+        key = id(memory.mask_features)
+        with self._remote_lock:
+            self._remote[key] = [image_id, pixels.detach().cpu()]
+        weakref.finalize(memory.mask_features, self._forget, key)
+        return last_stage, memory
+
+    def _forget(self, key: int) -> None:
+        with self._remote_lock:
+            self._remote.pop(key, None)
+
+    def decode(
+        self,
+        query: torch.Tensor,
+        query_pos: torch.Tensor,
+        memory: DecoderMemory,
+        constraints: QueryConstraints | None = None,
+        with_class: bool = False,
+        seg_decoder: bool = False,
+    ) -> DecoderOutput:
+        with self._remote_lock:
+            remote = self._remote.get(id(memory.mask_features))
+        if remote is None:  # a memory with its tensors: sent along, as to the other engines
+            return super().decode(query, query_pos, memory, constraints, with_class, seg_decoder)
+        feeds = decoder_feeds(self.spec, query, query_pos, memory, constraints)
+        for name in ("mask_features", *self.spec.memory_names):
+            del feeds[name]
+        role = decoder_role(self.spec, seg_decoder)
+        shapes = self.spec.decoder_output_shapes(*query.shape[:2])
+        try:
+            outs = self._infer(f"{role}{CACHED}", feeds, shapes, image_id=remote[0])
+        except VisionServerError as err:
+            if UNKNOWN_IMAGE not in str(err):
+                raise
+            log.info("the Triton server no longer has this image's memory: encoding it again")
+            _, remote[0] = self._encode_remote(remote[1])
+            outs = self._infer(f"{role}{CACHED}", feeds, shapes, image_id=remote[0])
+        return self.spec.output_from(outs, with_class)
+
+    def _encode_remote(self, pixels: torch.Tensor) -> tuple[torch.Tensor, str]:
+        shapes = {"last_stage": self.spec.encoder_output_shapes(1)["last_stage"]}
+        outs = self._infer("encoder", {"pixels": pixels}, shapes, want_id=True)
+        return outs["last_stage"], outs[IMAGE_ID]
 
     # -- the server -------------------------------------------------------------------------------
     def served(self) -> dict[str, Any]:
@@ -108,7 +175,16 @@ class TritonVision(GraphVision):
                 "start `omg-llava-ros serve` with this model"
             )
 
-    def _infer(self, role: str, feeds: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]):
+    def _infer(
+        self,
+        role: str,
+        feeds: dict[str, torch.Tensor],
+        shapes: dict[str, tuple[int, ...]],
+        image_id: str | None = None,
+        want_id: bool = False,
+    ) -> dict[str, Any]:
+        """Run the server's model `role` on `feeds` (and `image_id`, for a cached decoder); the outputs
+        named in `shapes`, checked, as tensors (and the returned image id with `want_id`)."""
         http = self.http
         inputs = []
         for name, tensor in feeds.items():
@@ -116,9 +192,20 @@ class TritonVision(GraphVision):
             item = http.InferInput(name, list(array.shape), _TRITON_TYPES[array.dtype])
             item.set_data_from_numpy(array, binary_data=True)
             inputs.append(item)
-        outputs = [http.InferRequestedOutput(name, binary_data=True) for name in shapes]
+        if image_id is not None:
+            item = http.InferInput(IMAGE_ID, [1], "BYTES")
+            item.set_data_from_numpy(np.array([image_id.encode()], dtype=np.object_), binary_data=True)
+            inputs.append(item)
+        names = [*shapes, IMAGE_ID] if want_id else list(shapes)
+        outputs = [http.InferRequestedOutput(name, binary_data=True) for name in names]
         result = self._call(triton_model_name(self.fingerprint, role), inputs, outputs)
-        out = {}
+        out: dict[str, Any] = {}
+        if want_id:
+            ids = result.as_numpy(IMAGE_ID)
+            if ids is None or ids.size != 1:
+                raise VisionServerError(f"the Triton server's {role} returned no image id")
+            raw = ids.reshape(-1)[0]
+            out[IMAGE_ID] = raw.decode() if isinstance(raw, bytes) else str(raw)
         for name, shape in shapes.items():
             array = result.as_numpy(name)
             if array is None or tuple(array.shape) != tuple(shape):
