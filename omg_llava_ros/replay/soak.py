@@ -1,6 +1,6 @@
 """Soak: a long replay of generated moving scenes with commands and planted bad frames.
 
-    omg-llava-ros soak [--frames 10000] [--seed 0] [--model SPEC] [--json]
+    omg-llava-ros soak [--frames 10000] [--seed 0] [--model SPEC] [--backend auto] [--json]
 
 What a fielded node must promise over a long run, measured: no crash, every command answered or
 reported, every planted bad frame reported (by its stamp, or its log time where the bytes give no
@@ -311,6 +311,9 @@ def add_soak_parser(sub: Any) -> None:
     p.add_argument("--window", type=int, default=SoakConfig.window, help="frames whose latency p95 is compared")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     add_model_argument(p)
+    p.add_argument(
+        "--backend", default="auto", help="vision backend, as the node's parameter (default auto: what the node runs)"
+    )
     p.add_argument("--json", action="store_true", help="one line of JSON")
     p.set_defaults(func=cmd_soak)
 
@@ -324,7 +327,7 @@ def cmd_soak(args: Any) -> int:
     from omg_llava_ros.loading import cli_model
 
     torch.set_num_threads(args.threads)
-    model = cli_model(args.model)
+    model = cli_model(args.model, backend=args.backend)
     config = SoakConfig(frames=args.frames, seed=args.seed, bad_share=args.bad_share, window=args.window)
     report = run_soak(model, config)
     print(json.dumps(report, indent=None if args.json else 2))
