@@ -261,3 +261,19 @@ def test_server_prefers_tensorrt_then_cuda_and_keeps_the_cpu():
     assert session_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
     gpu = ["CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"]
     assert session_providers(gpu) == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def test_a_server_that_never_answers_times_out_with_a_clear_error(models):
+    from omg_llava_ros.engines.triton_backend import TritonOptions, TritonVision, VisionServerError
+
+    _, remote = models
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)  # connections are accepted by the kernel, and never answered
+    try:
+        url = f"127.0.0.1:{silent.getsockname()[1]}"
+        vision = TritonVision(remote.vision.spec, remote.vision.fingerprint, TritonOptions(url=url, timeout_s=1.0))
+        with pytest.raises(VisionServerError, match="unreachable"):
+            vision.encode(torch.zeros(1, 3, 256, 256))
+    finally:
+        silent.close()
