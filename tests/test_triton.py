@@ -277,3 +277,50 @@ def test_a_server_that_never_answers_times_out_with_a_clear_error(models):
             vision.encode(torch.zeros(1, 3, 256, 256))
     finally:
         silent.close()
+
+
+def test_a_replay_accounts_for_every_frame_while_the_server_is_down_and_back(models):
+    """The replay command's own runner over a generated 30 Hz stream: the server is stopped before
+    frame 10 and started again before frame 20; every frame in between is reported with its stamp,
+    and the followed object is answered again after the restart."""
+    from omg_llava_ros import OmgLlava
+    from omg_llava_ros.engines.triton_backend import TritonOptions, triton_vision
+    from omg_llava_ros.pipeline.types import stamp_to_ns
+    from omg_llava_ros.replay.runner import ReplayConfig, Replayer
+    from omg_llava_ros.replay.soak import IMAGE_TOPIC, GeneratedSource, Planted, SoakConfig
+
+    own = Server().start()
+
+    class ServerStopsAndComesBack(GeneratedSource):
+        def messages(self, topics):
+            images = 0
+            for message in super().messages(topics):
+                if message.topic == IMAGE_TOPIC:
+                    if images == 10:
+                        own.stop()
+                    elif images == 20:
+                        own.start()
+                    images += 1
+                yield message
+
+    try:
+        model = OmgLlava.from_pretrained()
+        model.vision = triton_vision(model, TritonOptions(url=own.url, timeout_s=5.0))
+        planted = Planted()
+        config = SoakConfig(frames=30, command_every=(30, 30), bad_share=0.0, seed=4)
+        source = ServerStopsAndComesBack(config, planted)
+        outcome = Replayer(model, ReplayConfig()).run("generated", None, source=source)
+    finally:
+        own.stop()
+    assert planted.commands[0][0] == "referring"  # seed 4 opens with "Pick up the cross."
+    assert outcome.processed_frames == 30
+    assert not [e for e in outcome.errors if e.reason.startswith("unexpected error")]
+    records = sorted(outcome.records, key=lambda r: stamp_to_ns(r.stamp))
+    errors = {stamp_to_ns(e.stamp): e.reason for e in outcome.errors if e.stamp is not None}
+    assert len(records) == 30
+    for k, record in enumerate(records):
+        stamp = stamp_to_ns(record.stamp)
+        if 10 <= k < 20:
+            assert record.latency_ms is None and "Triton server" in errors.get(stamp, ""), (k, record)
+        else:
+            assert record.latency_ms is not None and record.objects > 0 and stamp not in errors, (k, record)
