@@ -324,3 +324,17 @@ def test_a_replay_accounts_for_every_frame_while_the_server_is_down_and_back(mod
             assert record.latency_ms is None and "Triton server" in errors.get(stamp, ""), (k, record)
         else:
             assert record.latency_ms is not None and record.objects > 0 and stamp not in errors, (k, record)
+
+
+def test_the_memory_cache_keeps_the_newest_images_and_names_a_forgotten_one():
+    from omg_llava_ros.serving.triton_server import UNKNOWN_IMAGE, MemoryCache
+
+    cache = MemoryCache(2)
+    first, second = cache.put({"m": np.zeros(1)}), cache.put({"m": np.ones(1)})
+    cache.get(first)  # used: now the newest
+    third = cache.put({"m": np.full(1, 2.0)})
+    assert cache.get(first)["m"][0] == 0 and cache.get(third)["m"][0] == 2
+    with pytest.raises(ValueError, match=UNKNOWN_IMAGE):
+        cache.get(second)
+    with pytest.raises(ValueError, match="at least one"):
+        MemoryCache(0)

@@ -72,6 +72,8 @@ class MemoryCache:
     decoder call names its image instead of sending 2.6 MB of memory with every call."""
 
     def __init__(self, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"the server must keep at least one image's memory, got --cached-images {capacity}")
         self.capacity = capacity
         self._items: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
         self._lock = threading.Lock()
