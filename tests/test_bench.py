@@ -45,6 +45,10 @@ def test_bench_json_on_tiny(tmp_path, capsys):
     assert report["follow_frames"] == 4
     assert report["command_to_mask_ms"] > 0 and report["follow_hz"] > 0
     assert report["follow_hz"] == pytest.approx(1000.0 / report["follow_frame_ms"], rel=1e-3)
+    # the encoder is part of every followed frame: its bound is above the rate reached
+    encoder_ms = report["stages"]["encoder"]["follow_ms"] + report["stages"]["pixel_decoder"]["follow_ms"]
+    assert report["follow_encoder_bound_hz"] == pytest.approx(1000.0 / encoder_ms, rel=1e-3)
+    assert report["follow_encoder_bound_hz"] > report["follow_hz"]
     assert report["generated_tokens"] > 0 and report["prompt_tokens"] > report["generated_tokens"]
 
     stages = report["stages"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from omg_llava_ros.pipeline import Frame, PerceptionPipeline, PipelineConfig
-from omg_llava_ros.pipeline.heap import HeapTrimmer, _glibc_malloc_trim
+from omg_llava_ros.pipeline.heap import MMAP_THRESHOLD, HeapTrimmer, _glibc_malloc_trim
 
 
 class Counter:
@@ -51,3 +51,49 @@ def test_every_frame_the_pipeline_is_offered_counts_malformed_ones_too(tiny_mode
         pipeline.process(Frame(np.zeros((0, 4, 3), np.uint8), (5, 0), "camera"))
     assert counted.calls == 2
     assert pipeline.heap.every == 2
+
+
+def test_managing_the_heap_fixes_the_mmap_threshold_and_turning_it_off_does_not():
+    calls: list[tuple[int, int]] = []
+
+    def mallopt(param: int, value: int) -> int:
+        calls.append((param, value))
+        return 1
+
+    assert HeapTrimmer(100, trim=Counter(), mallopt=mallopt).threshold_fixed
+    assert calls == [(-3, MMAP_THRESHOLD)]  # M_MMAP_THRESHOLD
+    assert not HeapTrimmer(0, trim=Counter(), mallopt=mallopt).threshold_fixed
+    assert len(calls) == 1
+
+
+_REUSED_BLOCK = """
+import ctypes, ctypes.util, os, sys
+from omg_llava_ros.pipeline.heap import fix_mmap_threshold
+if sys.argv[1] == "fixed":
+    assert fix_mmap_threshold()
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def resident():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+size = 8 << 20
+before = resident()
+for _ in range(2):  # the second block of the same size is where the dynamic threshold differs
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    libc.free(block)
+print(resident() - before)
+"""
+
+
+@pytest.mark.skipif(_glibc_malloc_trim() is None, reason="needs glibc")
+def test_with_the_threshold_fixed_a_freed_8_mb_buffer_leaves_resident_memory():
+    import subprocess
+    import sys
+
+    def kept(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _REUSED_BLOCK, mode], capture_output=True, text=True, check=True)
+        return int(out.stdout.strip())
+
+    assert kept("dynamic") >= 6 << 20  # glibc's default: the block stays in the heap
+    assert kept("fixed") < 1 << 20

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from omg_llava_ros.model.config import get_config
-from omg_llava_ros.model.mask_refiner import MARGIN, MaskRefiner
+from omg_llava_ros.model.mask_refiner import FLOOR_LOGIT, MARGIN, ImageGuide, MaskRefiner, crop_box, crop_boxes
 from omg_llava_ros.model.omg_llava import OmgLlava
 from omg_llava_ros.training import data, refiner_stage
 
@@ -115,3 +115,50 @@ def test_stage5_trains_the_refiner_and_nothing_else(perception_setup):
 def test_stage5_needs_a_model_with_a_refiner():
     with pytest.raises(ValueError, match="no|none"):
         refiner_stage.refiner_parameters(OmgLlava.from_config("tiny"))
+
+
+def test_features_computed_per_crop_equal_the_whole_images():
+    torch.manual_seed(0)
+    refiner = MaskRefiner(8)
+    torch.nn.init.normal_(refiner.head[-1].weight, std=0.5)
+    pixels = torch.randn(1, 3, 64, 64)
+    whole = refiner.image_features(pixels)
+    guide = ImageGuide(refiner, pixels)
+    # inside, at the corner (the image's own zero padding) and along an edge
+    for top, bottom, left, right in ((20, 35, 10, 30), (0, 9, 0, 12), (40, 64, 55, 64)):
+        assert torch.allclose(guide.crop(top, bottom, left, right), whole[:, :, top:bottom, left:right], atol=1e-5)
+    assert guide._full is None  # three small crops: never the whole image
+    logits = _blob_logits()
+    assert torch.allclose(refiner(logits, ImageGuide(refiner, pixels)), refiner(logits, whole), atol=1e-5)
+    # crops that add up to the image: computed once for the whole image, then sliced
+    big = ImageGuide(refiner, pixels)
+    big.crop(0, 64, 0, 40)
+    assert torch.allclose(big.crop(0, 64, 20, 64), whole[:, :, :, 20:], atol=1e-5)
+    assert big._full is not None
+
+
+def test_far_apart_regions_are_refined_in_boxes_of_their_own_with_the_same_result():
+    torch.manual_seed(0)
+    refiner = MaskRefiner(8)
+    torch.nn.init.normal_(refiner.head[-1].weight, std=0.5)
+    features = refiner.image_features(torch.randn(1, 3, 128, 128))
+    logits = torch.full((1, 32, 32), -10.0)
+    logits[0, 2:6, 2:6] = 5.0  # top left
+    logits[0, 25:30, 24:30] = 5.0  # bottom right: one box around both would be most of the image
+    up = F.interpolate(logits[:, None], size=(128, 128), mode="bilinear", align_corners=False)[:, 0]
+    region = up[0] > FLOOR_LOGIT
+    boxes = crop_boxes(region)
+    assert len(boxes) == 2
+    (one_rows, one_cols) = crop_box(region)
+    split_area = sum((b - t) * (r - left) for (t, b), (left, r) in boxes)
+    assert split_area < (one_rows[1] - one_rows[0]) * (one_cols[1] - one_cols[0]) / 2
+    covered = torch.zeros_like(region)
+    for (t, b), (left, r) in boxes:
+        covered[t:b, left:r] = True
+    assert covered[region].all()
+
+    refined = refiner(logits, features)
+    whole = up.clone()  # the same head over one box around everything
+    (t, b), (left, r) = one_rows, one_cols
+    whole[0, t:b, left:r] = refiner.correct(up[:, t:b, left:r], features[:, :, t:b, left:r])[0]
+    assert torch.allclose(refined[0][region], whole[0][region], atol=1e-5)

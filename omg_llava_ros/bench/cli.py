@@ -337,6 +337,11 @@ def format_report(r: dict[str, Any]) -> str:
         f"follow mode: {_ms(r['follow_hz'])} Hz ({_ms(r['follow_frame_ms'])} ms per frame, median of "
         f"{r['follow_frames']} frames)",
     ]
+    if r.get("follow_encoder_bound_hz"):
+        lines.append(
+            f"follow mode's bound on this machine: {r['follow_encoder_bound_hz']:.1f} Hz "
+            "(encoder and pixel decoder alone, which every followed frame runs)"
+        )
     ort = r.get("onnxruntime")
     if ort:
         lines.append(

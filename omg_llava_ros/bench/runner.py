@@ -272,6 +272,11 @@ def summarise(plain: list[Sample], probed: list[Sample]) -> dict[str, Any]:
     commands = [s.command_stages for s in probed if s.command_stages]
     tokens = [c["generated_tokens"] for c in commands if c.get("generated_tokens") is not None]
     prompt = [c["prompt_tokens"] for c in commands if c.get("prompt_tokens") is not None]
+    stages = stage_table(probed)
+    # Every followed frame runs the image encoder and pixel decoder: the most follow mode could reach
+    # on this machine if everything else on a frame took no time.
+    image_ms = [(stages.get(k) or {}).get("follow_ms") for k in ("encoder", "pixel_decoder")]
+    encoder_ms = sum(ms for ms in image_ms if ms) if image_ms[0] else None
     return {
         "command_to_mask_ms": _round(_median(command_ms)),
         "command_to_mask_p90_ms": _round(_percentile(command_ms, 90)),
@@ -281,9 +286,10 @@ def summarise(plain: list[Sample], probed: list[Sample]) -> dict[str, Any]:
         "follow_frame_ms": _round(follow_median),
         "follow_frame_p90_ms": _round(_percentile(follow_ms, 90)),
         "follow_frames": len(follow_ms),
+        "follow_encoder_bound_hz": _round(1000.0 / encoder_ms if encoder_ms else None),
         "prompt_tokens": _median(prompt),
         "generated_tokens": _median(tokens),
-        "stages": stage_table(probed),
+        "stages": stages,
         "notes": notes,
     }
 

@@ -36,7 +36,7 @@ from omg_llava_ros.model.language_model import (
     special_token_ids,
     train_tokenizer,
 )
-from omg_llava_ros.model.mask_refiner import MaskRefiner
+from omg_llava_ros.model.mask_refiner import ImageGuide, MaskRefiner
 from omg_llava_ros.model.object_location import (
     ObjectLocation,
     keep_component_nearest,
@@ -84,7 +84,7 @@ class ImageState:
     perception: DecoderOutput | None = None
     prior: PerceptionPrior | None = None
     visual_tokens: torch.Tensor | None = None
-    refiner_features: torch.Tensor | None = None  # (1, C, S, S), where the model has a mask refiner
+    refiner_features: ImageGuide | None = None  # the image's refiner features, where the model has a refiner
 
 
 # -- the model ----------------------------------------------------------------------------------
@@ -299,7 +299,7 @@ class OmgLlava(nn.Module):
         last_stage, memory = self.vision.encode(pixels)
         state = ImageState(key, box, last_stage, memory)
         if self.mask_refiner is not None:
-            state.refiner_features = self.mask_refiner.image_features(pixels.to(self.device))
+            state.refiner_features = ImageGuide(self.mask_refiner, pixels.to(self.device))
         return state
 
     def perception_prior(self, out: DecoderOutput, pos: torch.Tensor, side: int) -> PerceptionPrior:

@@ -279,6 +279,8 @@ def run_soak(model: Any, config: SoakConfig | None = None) -> dict[str, Any]:
             "first": round(planted.rss[0][1], 1) if planted.rss else None,
             "last": round(planted.rss[-1][1], 1) if planted.rss else None,
             "slope_last_80pct_mb_per_1000_frames": None if slope is None else round(slope, 3),
+            "every_frames": config.rss_every,
+            "samples": [round(mb, 1) for _, mb in planted.rss],
         },
         "latency_p95_ms": {
             "first_window": None if p95_first is None else round(p95_first, 1),
