@@ -661,3 +661,20 @@ def test_the_tensorrt_backend_splits_calls_over_its_profile_and_matches_one_call
     assert torch.allclose(mem.mask_features, ort_mem.mask_features, atol=1e-5)
     with pytest.raises(ValueError, match="max-queries"):
         trt.decode(torch.randn(1, 9, ort.spec.hidden_dim), torch.randn(1, 9, ort.spec.hidden_dim), memory)
+
+
+def test_onnxruntime_changes_its_thread_count_with_the_same_outputs(exported, options):
+    vision = OnnxRuntimeVision(exported, replace(options.ort, intra_op_threads=2))
+    pixels = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(5))
+    two = vision.run_encoder(pixels)
+    first = vision.sessions
+    vision.set_threads(1)
+    assert vision.threads == 1 and vision.sessions is not first
+    assert all(s.get_session_options().intra_op_num_threads == 1 for s in vision.sessions.values())
+    one = vision.run_encoder(pixels)
+    for name in two:
+        assert torch.allclose(one[name], two[name], atol=1e-4), name
+    vision.set_threads(2)  # the first sessions again, not new ones
+    assert vision.sessions is first and vision.threads == 2
+    with pytest.raises(ValueError, match="threads"):
+        vision.set_threads(0)

@@ -125,24 +125,9 @@ class OnnxRuntimeVision(GraphVision):
             providers: list[Any] = [("CUDAExecutionProvider", {"device_id": opts.device_id}), "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = opts.intra_op_threads
-        so.inter_op_num_threads = opts.inter_op_threads
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = {
-            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }[opts.optimization]
-        if not opts.allow_spinning:
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        elif not opts.spin_between_runs:
-            so.add_session_config_entry("session.force_spinning_stop", "1")
-        self.sessions = {
-            role: ort.InferenceSession(session_graph(exported, role), so, providers=providers)
-            for role in exported.roles
-        }
+        self._exported, self._providers = exported, providers
+        self._sessions_by_threads: dict[int, dict[str, Any]] = {}
+        self.sessions = self._sessions(opts.intra_op_threads)
         self.positions = memory_positions(self.spec, self.device)
         self._io_binding = opts.device == "cuda" and self.device.type == "cuda"
         log.info(
@@ -151,6 +136,44 @@ class OnnxRuntimeVision(GraphVision):
             opts.intra_op_threads,
             opts.optimization,
         )
+
+    def _sessions(self, threads: int) -> dict[str, Any]:
+        """One session per graph with `threads` intra-op threads, made on first use and kept."""
+        if threads not in self._sessions_by_threads:
+            ort, opts = import_onnxruntime(), self.options
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = opts.inter_op_threads
+            so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            so.graph_optimization_level = {
+                "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+            }[opts.optimization]
+            if not opts.allow_spinning:
+                so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            elif not opts.spin_between_runs:
+                so.add_session_config_entry("session.force_spinning_stop", "1")
+            self._sessions_by_threads[threads] = {
+                role: ort.InferenceSession(session_graph(self._exported, role), so, providers=self._providers)
+                for role in self._exported.roles
+            }
+        return self._sessions_by_threads[threads]
+
+    @property
+    def threads(self) -> int:
+        return self.options.intra_op_threads
+
+    def set_threads(self, threads: int) -> None:
+        """Run the graphs on `threads` intra-op threads from now on (CPU only; an ONNX Runtime session's
+        thread pool is fixed, so each count has its own sessions, made the first time it is asked for)."""
+        if threads < 1:
+            raise ValueError(f"threads must be ≥ 1, got {threads}")
+        if self.options.device != "cpu" or threads == self.options.intra_op_threads:
+            return
+        self.sessions = self._sessions(threads)
+        self.options = replace(self.options, intra_op_threads=threads)
 
     # -- GraphVision ----------------------------------------------------------------------------
     def run_encoder(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from omg_llava_ros.pipeline.cpu_threads import shared_governor
 from omg_llava_ros.pipeline.heap import DEFAULT_EVERY as DEFAULT_TRIM_EVERY
 from omg_llava_ros.pipeline.heap import HeapTrimmer
 from omg_llava_ros.pipeline.lifting import centroid, lift_to_3d
@@ -76,6 +77,7 @@ class PipelineConfig:
     depth_max_offset_s: a depth image further than this from the colour frame is not used.
     max_new_tokens: None = the model's default.
     heap_trim_every: give freed memory back to the system every this many frames (`heap`; 0: never).
+    adapt_threads: a model on the CPU runs on the cores other processes leave free (`cpu_threads`).
     """
 
     max_command_chars: int = 2000
@@ -83,6 +85,7 @@ class PipelineConfig:
     depth_max_offset_s: float = 0.05
     max_new_tokens: int | None = None
     heap_trim_every: int = DEFAULT_TRIM_EVERY
+    adapt_threads: bool = True
 
     def __post_init__(self) -> None:
         if self.max_command_chars < 1:
@@ -134,6 +137,9 @@ class PerceptionPipeline:
         self.clock = clock
         self.stats = PipelineStats()
         self.heap = HeapTrimmer(self.config.heap_trim_every)
+        device = getattr(model, "device", None)
+        on_cpu = device is not None and getattr(device, "type", str(device)) == "cpu"
+        self.threads = shared_governor() if self.config.adapt_threads and on_cpu else None
         # Two locks: _state guards the command/answer state and is only held for microseconds, so
         # a command never waits for inference; _run serialises model calls (one image at a time).
         self._state = threading.Lock()
@@ -248,6 +254,9 @@ class PerceptionPipeline:
         inference still returns its result, tagged with the command it answered.
         """
         try:
+            if self.threads is not None:
+                with self._run:
+                    self.threads.tick(getattr(self.model, "vision", None))
             return self._process(frame)
         finally:
             self.heap.after_frame()

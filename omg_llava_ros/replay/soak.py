@@ -311,7 +311,7 @@ def add_soak_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bad-share", type=float, default=SoakConfig.bad_share, help="share of planted bad frames")
     p.add_argument("--window", type=int, default=SoakConfig.window, help="frames whose latency p95 is compared")
-    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--threads", type=int, default=2, help="most CPU threads the model uses (PyTorch, ONNX Runtime)")
     add_model_argument(p)
     p.add_argument(
         "--backend", default="auto", help="vision backend, as the node's parameter (default auto: what the node runs)"

@@ -60,6 +60,9 @@ class NodeParameters:
         10.0, "backend triton: per-call timeout; a failed call is reported, the next reconnects"
     )
     device: str = _p("auto", "torch device for the model: auto (cuda when available), cpu, cuda, cuda:1 ...")
+    adapt_threads: bool = _p(
+        True, "on the CPU, run the model on the cores other processes leave free (1 thread beside busy ones)"
+    )
     build_engines: bool = _p(
         False,
         "build missing/stale ONNX/TensorRT engines at configure (minutes); when false a named backend "
@@ -150,6 +153,7 @@ class NodeParameters:
             command_frame_tolerance_s=self.command_frame_tolerance_s,
             depth_max_offset_s=self.depth_max_offset_s,
             max_new_tokens=self.max_new_tokens or None,
+            adapt_threads=self.adapt_threads,
         )
 
     # -- construction ------------------------------------------------------------------------
