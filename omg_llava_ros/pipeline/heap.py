@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 from collections.abc import Callable
+from typing import Any
 
 DEFAULT_EVERY = 100
 # Blocks at least this large are mmapped and given back on free (glibc's mallopt M_MMAP_THRESHOLD).
@@ -28,30 +29,26 @@ MMAP_THRESHOLD = 1 << 20
 _M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
 
 
-def _glibc_malloc_trim() -> Callable[[], None] | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
+def _libc_function(name: str, argtypes: list[Any], restype: Any) -> Any | None:
+    """The C library's function `name` with its signature set, or None where there is none."""
+    library = ctypes.util.find_library("c")
+    if library is None:
         return None
     try:
-        trim = ctypes.CDLL(name).malloc_trim
+        function = getattr(ctypes.CDLL(library), name)
     except (OSError, AttributeError):
         return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return lambda: trim(0)
+    function.argtypes, function.restype = argtypes, restype
+    return function
+
+
+def _glibc_malloc_trim() -> Callable[[], None] | None:
+    trim = _libc_function("malloc_trim", [ctypes.c_size_t], ctypes.c_int)
+    return None if trim is None else (lambda: trim(0))
 
 
 def _glibc_mallopt() -> Callable[[int, int], int] | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):
-        return None
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    return mallopt
+    return _libc_function("mallopt", [ctypes.c_int, ctypes.c_int], ctypes.c_int)
 
 
 def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD, mallopt: Callable[[int, int], int] | None = None) -> bool:
