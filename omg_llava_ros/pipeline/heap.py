@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -29,13 +30,25 @@ MMAP_THRESHOLD = 1 << 20
 _M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
 
 
-def _libc_function(name: str, argtypes: list[Any], restype: Any) -> Any | None:
-    """The C library's function `name` with its signature set, or None where there is none."""
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    # find_library runs ldconfig (milliseconds): once a process, not once a pipeline
     library = ctypes.util.find_library("c")
     if library is None:
         return None
     try:
-        function = getattr(ctypes.CDLL(library), name)
+        return ctypes.CDLL(library)
+    except OSError:
+        return None
+
+
+def _libc_function(name: str, argtypes: list[Any], restype: Any) -> Any | None:
+    """The C library's function `name` with its signature set, or None where there is none."""
+    libc = _libc()
+    if libc is None:
+        return None
+    try:
+        function = getattr(libc, name)
     except (OSError, AttributeError):
         return None
     function.argtypes, function.restype = argtypes, restype
