@@ -187,9 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         nargs="+",
         default=[0, 1, 2, 3, 4, 5],
-        choices=range(7),
+        choices=range(8),
         help="0 perception, 1 projectors, 2 instruction tuning, 3 counting/existence, 4 fine-tune, 5 mask "
-        "refiner, 6 the location pointer alone (training.pointer_fit)",
+        "refiner, 6 the location pointer alone (training.pointer_fit), 7 its relation choice "
+        "(training.relation_choice_fit)",
     )
     tr.add_argument(
         "--minutes",

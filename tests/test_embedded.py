@@ -81,13 +81,15 @@ def by_form(embedded):
 def test_referring_holds_for_every_form_of_expression(by_form):
     """The spatial forms too ("the leftmost star", "the star left of the red circle", "the largest
     object"). On these 24 questions a form, v21 (before the pointer read relations) scored cIoU /
-    gIoU 0.38 / 0.55 on form 5 and 0.53 / 0.60 on form 6; v22 0.66 / 0.79 and 0.86 / 0.82. gIoU is
-    bounded for the spatial forms: at 24 samples one large object missed moves cIoU by 0.2."""
+    gIoU 0.38 / 0.55 on form 5 and 0.53 / 0.60 on form 6; v22 0.66 / 0.79 and 0.86 / 0.82; v23
+    (the relation choice) 0.95 / 0.925 on form 5. gIoU is bounded for the spatial forms: at 24
+    samples one large object missed moves cIoU by 0.2."""
     forms = by_form["by_form"]
     for form in ("1", "2", "3"):
         assert forms[form]["ciou"] >= 0.8, (form, forms)
-    for form in ("4", "5", "6"):
+    for form in ("4", "6"):
         assert forms[form]["giou"] >= 0.7 and forms[form]["ciou"] >= 0.6, (form, forms)
+    assert forms["5"]["giou"] >= 0.82 and forms["5"]["ciou"] >= 0.82, forms
     assert by_form["overall"]["text_exact"] >= 0.9 and by_form["overall"]["ciou"] >= 0.8
 
 

@@ -14,15 +14,20 @@ SHIPPED = Path(recipe.__file__).parent / "recipes" / "embedded.toml"
 def test_the_shipped_recipe_builds_every_run_from_scratch_to_the_shipped_model(tmp_path):
     runs = recipe.load_recipe(SHIPPED)
     names = [r["name"] for r in runs]
-    assert names[0] == "scratch" and names[-1] == "v22"
+    assert names[0] == "scratch" and names[-2:] == ["v22", "v23"]
     configs = [recipe.run_config(r, tmp_path) for r in runs]
     first, last = configs[0], configs[-1]
     assert first.init_from is None and first.stages == (0, 1, 2, 3, 4, 5)  # from nothing
     for run, cfg, before in zip(runs[1:], configs[1:], names[:-1], strict=True):
         assert cfg.init_from == str(tmp_path / before / "model")  # each from the run before it
         assert cfg.out_dir == str(tmp_path / run["name"])
-    # The shipped model's last step: the pointer, given relations, fitted alone (stage 6).
-    assert last.point_relations and last.stages == (6,) and last.stage6_records > 0 and last.stage6_steps > 0
+    # The shipped model's last steps: the pointer, given relations, fitted alone (stage 6), then its
+    # relation choice over the world's five shapes (stage 7).
+    pointer = configs[-2]
+    assert pointer.point_relations and pointer.stages == (6,)
+    assert pointer.stage6_records > 0 and pointer.stage6_steps > 0
+    assert last.point_relations and last.stages == (7,) and last.relation_shapes == 5
+    assert 0 < last.stage7_held_out < last.stage7_records and last.stage7_steps > 0
     assert all(set(r.stage4_task_weights) <= data_tasks() for r in configs)
     assert isinstance(last.stage4_existence, data.ExistenceNegatives)
     assert isinstance(first.stage0_restarts, tuple) and all(isinstance(r, tuple) for r in first.stage0_restarts)

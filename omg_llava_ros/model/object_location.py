@@ -35,6 +35,16 @@ of the phrase's tokens, not from the `[SEG]` state: fitted on the same recorded 
 `[SEG]` state found the named anchor for 0.72 of held-out relations, the phrase's mean for 0.98
 (its last word's state 0.75). All six weights start at zero: a pointer given relations points
 exactly as before until trained (`training.pointer_fit`).
+
+Explicit relation choice (`OmgLlavaConfig.relation_shapes`): fitted on states recorded from v22, the
+pointer above found the target of 0.93-0.95 of relation questions however its score was shaped (an
+MLP gating the features, a relational score switched on by the phrase, attention over the phrase's
+tokens), and half its misses picked an object of the named shape on the named side that was not the
+nearest. So the rule of toyworld.md form 5 is applied as written, to what three small heads read:
+which relation the phrase asks (none, left of, right of, above, below), the target's shape (both
+from the phrase's mean state) and each object token's shape. Among the object tokens of that shape
+strictly on that side of the anchor (the anchor attention's choice), the nearest to it wins; with no
+relation asked, or no candidate, the scores above decide alone.
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from omg_llava_ros.model.omg_decoder import QueryConstraints
 from omg_llava_ros.model.positional_encoding import coordinate_to_encoding
@@ -57,13 +68,25 @@ SIDE_SCALE = 0.03
 DISTANCE_SCALE = 0.1
 AREA_SCALE = 0.1
 RELATION_FEATURES = ("side_x", "side_y", "distance", "is_anchor", "largest", "smallest")
+# What the relation head reads from a phrase: 0 = no relation, then the sides of toyworld.md form 5.
+RELATION_KINDS = ("none", "left of", "right of", "above", "below")
+# Added to the explicitly chosen object's score: above any difference the learned score makes.
+CHOICE_BONUS = 1e4
 
 
 class ObjectLocation(nn.Module):
     """gate: (C,) on the decoder's position encoding. point: `[SEG]` states (N, H), object-token
-    states (n, H) of the same LLM pass and the objects' centroids (n, 2) → (N, n) scores."""
+    states (n, H) of the same LLM pass and the objects' centroids (n, 2) → (N, n) scores.
+    relation_shapes: how many shapes the explicit relation choice tells apart (0: no choice)."""
 
-    def __init__(self, query_dim: int, hidden_size: int, gate_init: float = 0.0, relations: bool = False):
+    def __init__(
+        self,
+        query_dim: int,
+        hidden_size: int,
+        gate_init: float = 0.0,
+        relations: bool = False,
+        relation_shapes: int = 0,
+    ):
         super().__init__()
         self.gate = nn.Parameter(torch.full((query_dim,), gate_init))
         self.seg_query = nn.Linear(hidden_size, hidden_size)
@@ -80,6 +103,16 @@ class ObjectLocation(nn.Module):
             self.relation = nn.Linear(hidden_size, len(RELATION_FEATURES))
             nn.init.zeros_(self.relation.weight)
             nn.init.zeros_(self.relation.bias)
+        # The explicit relation choice's heads (see the module docstring); none when 0.
+        self.relation_shapes = relation_shapes if relations else 0
+        if self.relation_shapes:
+            self.relation_kind = nn.Linear(hidden_size, len(RELATION_KINDS))
+            self.target_shape = nn.Linear(hidden_size, relation_shapes)
+            self.object_shape = nn.Linear(hidden_size, relation_shapes)
+            # Untrained, it reads "no relation" from every phrase: the pointer points as before.
+            nn.init.zeros_(self.relation_kind.weight)
+            with torch.no_grad():
+                self.relation_kind.bias.copy_(torch.tensor([1.0] + [0.0] * (len(RELATION_KINDS) - 1)))
 
     def encode(self, centroids: torch.Tensor, pos_linear: nn.Linear, half: float) -> torch.Tensor:
         """(n, 2) centroids in [0, 1] → (n, C) gated location terms: the point-prompt encoding with
@@ -110,8 +143,39 @@ class ObjectLocation(nn.Module):
         if areas is None:
             raise ValueError("a pointer with relations needs the objects' areas")
         phrase = seg if phrase_hidden is None else phrase_hidden.to(seg.dtype)
-        features = relation_features(self.anchor_scores(phrase, object_hidden).softmax(-1), centroids, areas)
-        return scores + (self.relation(seg)[:, None, :] * features).sum(-1)
+        anchor_logits = self.anchor_scores(phrase, object_hidden)
+        features = relation_features(anchor_logits.softmax(-1), centroids, areas)
+        scores = scores + (self.relation(seg)[:, None, :] * features).sum(-1)
+        if not self.relation_shapes:
+            return scores
+        chosen = self.choose_related(phrase, object_hidden, centroids, areas, anchor_logits.argmax(-1))
+        return scores + CHOICE_BONUS * chosen
+
+    def choose_related(
+        self,
+        phrase_hidden: torch.Tensor,
+        object_hidden: torch.Tensor,
+        centroids: torch.Tensor,
+        areas: torch.Tensor,
+        anchors: torch.Tensor,
+    ) -> torch.Tensor:
+        """(N, n) one-hot rows: for each phrase that asks a relation, the object token of the
+        phrase's shape strictly on that side of its anchor (`anchors`: (N,) token indices) and
+        nearest to it; zero rows where no relation is asked or no token qualifies."""
+        phrase = phrase_hidden.to(self.gate.dtype)
+        kinds = self.relation_kind(phrase).argmax(-1)  # (N,)
+        shapes = self.target_shape(phrase).argmax(-1)  # (N,)
+        object_shapes = self.object_shape(object_hidden.to(self.gate.dtype)).argmax(-1)  # (n,)
+        c = centroids.to(phrase.dtype)
+        delta = c[None] - c[anchors][:, None]  # (N, n, 2) offsets from each row's anchor
+        # left of: x below the anchor's; right of: above; above: y below; below: y above.
+        side = torch.stack([-delta[..., 0], delta[..., 0], -delta[..., 1], delta[..., 1]], dim=-1) > 0
+        on_side = side.gather(-1, (kinds.clamp(min=1) - 1)[:, None, None].expand(-1, c.shape[0], 1))[..., 0]
+        candidate = on_side & (object_shapes[None] == shapes[:, None]) & (areas > 0)[None] & (kinds > 0)[:, None]
+        candidate &= torch.arange(c.shape[0], device=c.device)[None] != anchors[:, None]
+        distance = torch.where(candidate, delta.norm(dim=-1), torch.full_like(delta[..., 0], float("inf")))
+        chosen = F.one_hot(distance.argmin(-1), c.shape[0]).to(phrase.dtype)
+        return chosen * candidate.any(-1, keepdim=True)
 
     def anchor_scores(self, phrase_hidden: torch.Tensor, object_hidden: torch.Tensor) -> torch.Tensor:
         """(N, n) logits of which object token each phrase's anchor is ("the star left of *the red

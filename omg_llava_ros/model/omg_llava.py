@@ -130,6 +130,7 @@ class OmgLlava(nn.Module):
                         config.query_token_dim // 2,
                         config.language_model.hidden_size,
                         relations=config.point_relations,
+                        relation_shapes=config.relation_shapes,
                     )
                     if config.locate_objects
                     else None

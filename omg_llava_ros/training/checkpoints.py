@@ -59,7 +59,8 @@ def load_weights(model: OmgLlava, path: Path, strict: bool = True) -> None:
 def build_model(cfg: TrainConfig, out: Path) -> OmgLlava:
     """The embedded config with a tokenizer trained on the world's questions and answers, or with
     `init_from` that model directory's weights, tokenizer and config (its pointer given relations
-    when `point_relations`, their weights at zero)."""
+    when `point_relations`, their weights at zero; the relation choice's heads when
+    `relation_shapes`)."""
     from transformers import AutoTokenizer
 
     if cfg.init_from:
@@ -77,6 +78,7 @@ def build_model(cfg: TrainConfig, out: Path) -> OmgLlava:
     config: OmgLlavaConfig = get_config("embedded")
     config.perception_prior = cfg.perception_prior
     config.point_relations = cfg.point_relations and config.locate_objects
+    config.relation_shapes = cfg.relation_shapes if config.point_relations else 0
     config.language_model.vocab_size = rows
     torch.manual_seed(cfg.seed)
     model = OmgLlava(config, tokenizer=tokenizer)
@@ -95,10 +97,13 @@ def initialised_model(cfg: TrainConfig, out: Path) -> OmgLlava:
     base = OmgLlava.from_pretrained(None if cfg.init_from == "embedded" else cfg.init_from)
     config = base.config
     config.point_relations = cfg.point_relations and config.locate_objects
+    if cfg.relation_shapes and config.point_relations:
+        config.relation_shapes = cfg.relation_shapes
     torch.manual_seed(cfg.seed)
     model = OmgLlava(config, tokenizer=base.tokenizer, llm=base.llm)
     missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
-    new = {k for k in missing if k.startswith(("object_location.anchor_", "object_location.relation."))}
+    new_parts = ("anchor_", "relation.", "relation_kind.", "target_shape.", "object_shape.")
+    new = {k for k in missing if k.startswith(tuple(f"object_location.{p}" for p in new_parts))}
     if unexpected or set(missing) - new:
         raise ValueError(
             f"{cfg.init_from}: does not fit the model: missing {sorted(set(missing) - new)}, unexpected {unexpected}"

@@ -88,6 +88,15 @@ class TrainConfig:
     stage6_batch: int = 64
     stage6_lr: float = 1e-3
     stage6_anchor_weight: float = 1.0
+    # Stage 7 (ours, `training.relation_choice_fit`): the pointer's explicit relation choice
+    # (`OmgLlavaConfig.relation_shapes` shapes; 0 leaves a model without it), its three heads fitted
+    # alone on `stage7_records` questions recorded as stage 6's (the last `stage7_held_out` held out)
+    # for `stage7_steps` of `stage6_batch` at `stage7_lr`.
+    relation_shapes: int = 0
+    stage7_records: int = 8000
+    stage7_held_out: int = 1000
+    stage7_steps: int = 1500
+    stage7_lr: float = 3e-3
     # Tried in stage 4, off in the recipe (weight 0): an auxiliary loss on the object tokens,
     # `align_layer` decoder layers into the LLM, classifying them by shape and colour
     # (`object_alignment_loss`), against the input embeddings of the shape and colour words

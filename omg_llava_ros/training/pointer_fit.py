@@ -31,10 +31,11 @@ import torch.nn.functional as F
 
 from omg_llava_ros.model.chat_template import Turn, first_user_text
 from omg_llava_ros.model.language_model import phrase_spans
-from omg_llava_ros.model.object_location import ObjectLocation, mask_areas
+from omg_llava_ros.model.object_location import RELATION_KINDS, ObjectLocation, mask_areas
 from omg_llava_ros.model.omg_llava import IMAGE_PLACEHOLDER, OmgLlava
 from omg_llava_ros.toyworld.conversations import REFERRING_TEMPLATES, SEG_TOKEN
 from omg_llava_ros.toyworld.referring import enumerate_expressions
+from omg_llava_ros.toyworld.scene import SHAPES
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,10 @@ class PointerRecord:
     seg: (H,) the `[SEG]` state; phrase: (H,) the mean state of its phrase's tokens; objects:
     (n, H) the object tokens' states; centroids: (n, 2) in [0, 1]; areas: (n,) mask areas as
     fractions of the grid (0: stuff); target / anchor: the object token covering the target / a
-    form-5 anchor (IoU ≥ 0.5), else NO_TOKEN; form: 1-6."""
+    form-5 anchor (IoU ≥ 0.5), else NO_TOKEN; form: 1-6. For the explicit relation choice
+    (`training.relation_choice_fit`): relation, the index of the phrase's relation in
+    `RELATION_KINDS` (0: none); shape, the target's shape in `toyworld.SHAPES`; object_shapes: (n,)
+    the shape of the object each token covers (IoU ≥ 0.5), else NO_TOKEN."""
 
     seg: torch.Tensor
     phrase: torch.Tensor
@@ -58,6 +62,23 @@ class PointerRecord:
     target: int
     anchor: int
     form: int
+    relation: int = 0
+    shape: int = NO_TOKEN
+    object_shapes: torch.Tensor | None = None
+
+
+def covered_shapes(token_masks: torch.Tensor, rendered) -> torch.Tensor:
+    """(n,) for each of the (n, h, w) bool token masks the `SHAPES` index of the object it overlaps
+    most if IoU ≥ 0.5, else NO_TOKEN."""
+    from omg_llava_ros.training.instruction_losses import pairwise_iou
+    from omg_llava_ros.training.losses import resize_masks
+
+    if not rendered.objects:
+        return torch.full((len(token_masks),), NO_TOKEN)
+    truth = resize_masks(np.stack([o.mask for o in rendered.objects]), tuple(token_masks.shape[-2:])) > 0.5
+    best_iou, best = pairwise_iou(truth, token_masks).max(0)  # (n,) over the objects
+    shapes = torch.tensor([SHAPES.index(o.shape) for o in rendered.objects])
+    return torch.where(best_iou >= 0.5, shapes[best], torch.full_like(best, NO_TOKEN))
 
 
 def covering_token(token_masks: torch.Tensor, mask: np.ndarray) -> int:
@@ -83,6 +104,7 @@ def record_scene(
     things = state.perception.class_logits[0, index, :-1].argmax(-1) < model.config.decoder.num_thing_classes
     areas = mask_areas(logits.float(), things)
     token_masks = logits >= 0
+    object_shapes = covered_shapes(token_masks, rendered)
     named = [(t, e) for t in range(len(rendered.objects)) for e in enumerate_expressions(rendered, t)]
     wanted = {int(form): int(count) for form, count in (per_form or {}).items()}  # TOML keys are strings
     records = []
@@ -91,8 +113,18 @@ def record_scene(
         count = min(len(pool), wanted.get(form, 1))
         for pick in rng.choice(len(pool), size=count, replace=False):
             target, expression = pool[int(pick)]
-            records += _record_question(model, state, rendered, target, expression, rng, token_masks, areas)
+            found = _record_question(model, state, rendered, target, expression, rng, token_masks, areas)
+            for r in found:
+                r.relation = relation_kind(expression.text) if expression.form == 5 else 0
+                r.shape = SHAPES.index(rendered.objects[target].shape)
+                r.object_shapes = object_shapes
+            records += found
     return records
+
+
+def relation_kind(text: str) -> int:
+    """The `RELATION_KINDS` index of the relation a form-5 expression asks (0: none)."""
+    return next((i for i, kind in enumerate(RELATION_KINDS) if i and f" {kind} " in f" {text} "), 0)
 
 
 def _record_question(
@@ -163,10 +195,16 @@ def save_records(records: list[PointerRecord], path: Path) -> None:
             "centroids": torch.cat([r.centroids for r in records]),
             "areas": torch.cat([r.areas for r in records]),
             "counts": counts,
-            "labels": torch.tensor([[r.target, r.anchor, r.form] for r in records]),
+            "labels": torch.tensor([[r.target, r.anchor, r.form, r.relation, r.shape] for r in records]),
+            "object_shapes": torch.cat([_object_shapes(r) for r in records]),
         },
         str(path),
     )
+
+
+def _object_shapes(r: PointerRecord) -> torch.Tensor:
+    unknown = torch.full((len(r.objects),), NO_TOKEN)
+    return unknown if r.object_shapes is None else r.object_shapes
 
 
 def load_records(path: Path) -> list[PointerRecord]:
@@ -174,6 +212,7 @@ def load_records(path: Path) -> list[PointerRecord]:
 
     t = load_file(str(path))
     bounds = [0, *torch.cumsum(t["counts"], 0).tolist()]
+    shapes = t.get("object_shapes")  # absent from files recorded before the relation choice
     return [
         PointerRecord(
             t["seg"][i],
@@ -182,6 +221,7 @@ def load_records(path: Path) -> list[PointerRecord]:
             t["centroids"][a:b],
             t["areas"][a:b],
             *t["labels"][i].tolist(),
+            object_shapes=None if shapes is None else shapes[a:b],
         )
         for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))
     ]

@@ -10,7 +10,7 @@ from omg_llava_ros.training.config import TrainConfig
 # Parts of `TrainConfig.budget_minutes` per stage: about the default recipe's split (perception,
 # then instruction tuning, carry the quality), without stage 3, whose counting and existence
 # questions stage 4's mix also asks.
-BUDGET_SHARES = {0: 0.45, 1: 0.03, 2: 0.40, 3: 0.0, 4: 0.08, 5: 0.04, 6: 0.0}
+BUDGET_SHARES = {0: 0.45, 1: 0.03, 2: 0.40, 3: 0.0, 4: 0.08, 5: 0.04, 6: 0.0, 7: 0.0}
 
 
 # A budgeted stage measures its pace from its PACE_FROM-th step on (the first ones are slow) and

@@ -1,8 +1,8 @@
 """The training stages, by number: what each trains, how one step of it runs, the modes it runs in.
 
 `trainer.run_stage` runs any of them the same way (optimizer, schedule, checkpoints, resumption);
-a stage is added here, not in the loop. Stage 6 fits its part on recorded states and brings its own
-runner (`training.pointer_fit`).
+a stage is added here, not in the loop. Stages 6 and 7 fit their parts on recorded states and bring
+their own runners (`training.pointer_fit`, `training.relation_choice_fit`).
 """
 
 from __future__ import annotations
@@ -124,6 +124,13 @@ def _fit_pointer(model: OmgLlava, cfg: TrainConfig, out: Path) -> None:
     pointer_fit.run_stage(model, cfg, out)
 
 
+# -- stage 7: the pointer's explicit relation choice ---------------------------------------------
+def _fit_relation_choice(model: OmgLlava, cfg: TrainConfig, out: Path) -> None:
+    from omg_llava_ros.training import relation_choice_fit
+
+    relation_choice_fit.run_stage(model, cfg, out)
+
+
 STAGES: dict[int, Stage] = {
     0: Stage(
         0,
@@ -141,4 +148,5 @@ STAGES: dict[int, Stage] = {
     4: Stage(4, "fine-tuning", _llm_parameters, _fine_tuning_step, _attribute_head, _frozen_perception),
     5: Stage(5, "mask refiner", refiner_parameters, _refiner_step, modes=_refiner_only),
     6: Stage(6, "location pointer", runner=_fit_pointer),
+    7: Stage(7, "relation choice", runner=_fit_relation_choice),
 }

@@ -16,12 +16,14 @@ Stage 5  (ours) the mask refiner (`mask_refiner`) alone, everything else frozen:
          depends on the perception module only, so it can run any time after stage 0.
 Stage 6  (ours) the location pointer alone, fitted on states recorded from the frozen model
          (`pointer_fit`).
+Stage 7  (ours) the pointer's explicit relation choice: three small heads it reads relations and
+         shapes with, fitted alone on recorded states (`relation_choice_fit`).
 Each stage (`stages.STAGES`) runs a fixed number of steps, checkpoints every few minutes and
 resumes from its last checkpoint; `train()` picks up where an interrupted run stopped. The parts:
 `config` (TrainConfig), `schedule` (learning rates, budgets), `checkpoints` (saving, loading, the
 model to start from), `model_inputs` and `sequences` (what the LLM is fed), the losses
 (`losses`, `instruction_losses`) and one module a stage's step (`perception_stage`,
-`instruction_stage`, `refiner_stage`, `pointer_fit`).
+`instruction_stage`, `refiner_stage`, `pointer_fit`, `relation_choice_fit`).
 """
 
 from __future__ import annotations
