@@ -169,7 +169,6 @@ def _iou_with_token(model, rendered, token: int, obj) -> float:
 
 def test_stage7_records_fits_saves_and_changes_only_the_choice(tmp_path, monkeypatch):
     monkeypatch.setattr(pointer_fit, "RECORDS_PER_FILE", 6)
-    monkeypatch.setattr(relation_choice_fit, "RECORDS_PER_FILE", 6)
     cfg = config.TrainConfig(
         out_dir=str(tmp_path),
         init_from="embedded",
@@ -191,6 +190,5 @@ def test_stage7_records_fits_saves_and_changes_only_the_choice(tmp_path, monkeyp
             continue
         assert torch.equal(value, before[name]), name
     monkeypatch.setattr(pointer_fit, "record", lambda *a, **k: pytest.fail("recorded again"))
-    monkeypatch.setattr(relation_choice_fit, "record", lambda *a, **k: pytest.fail("recorded again"))
     again = trainer.train(cfg)
     assert torch.equal(again.object_location.relation_kind.weight, model.object_location.relation_kind.weight)

@@ -12,6 +12,7 @@ configures and activates itself, so ``ros2 run``/``ros2 launch`` need no lifecyc
 from __future__ import annotations
 
 import array
+import faulthandler
 import importlib
 import logging
 import traceback
@@ -39,6 +40,10 @@ from omg_llava_ros.ros.transport import (
 )
 
 SEGMENT = "omg_llava_ros_interfaces/action/Segment"
+# A shutdown still running after this long is stuck: every thread's stack goes to stderr and the
+# process exits 1, so a supervisor (or `ros2 launch`) is not left waiting on it. Above the worker's
+# 30 s to finish the frame in hand (`OmgLlavaNode.deactivate`).
+SHUTDOWN_LIMIT_S = 40.0
 
 try:  # Iron and later
     from rclpy.event_handler import SubscriptionEventCallbacks
@@ -378,9 +383,13 @@ def run_rclpy(args: Sequence[str]) -> int:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
-        if node.core is not None:
-            node.core.shutdown()
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.try_shutdown()
+        faulthandler.dump_traceback_later(SHUTDOWN_LIMIT_S, exit=True)
+        try:
+            if node.core is not None:
+                node.core.shutdown()
+            executor.shutdown()
+            node.destroy_node()
+            rclpy.try_shutdown()
+        finally:
+            faulthandler.cancel_dump_traceback_later()
     return status

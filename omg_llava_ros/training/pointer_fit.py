@@ -299,6 +299,25 @@ def fit(
 RECORDS_PER_FILE = 2000  # recorded in files of this many, so an interrupted stage keeps its work
 
 
+def recorded(model: OmgLlava, cfg, folder: Path, stage: int, count: int) -> list[PointerRecord]:
+    """At least `count` records under `folder`: each file of `RECORDS_PER_FILE` reloaded if there,
+    else recorded (random stream from `cfg.seed`, `stage` and the file's number; scenes and forms
+    as `cfg.stage6_pil_share` and `cfg.stage6_per_form`) and saved, so an interrupted stage keeps
+    what it recorded."""
+    t0 = time.monotonic()
+    records: list[PointerRecord] = []
+    for part in range(-(-count // RECORDS_PER_FILE)):
+        path = folder / f"records_{part:03d}.safetensors"
+        if not path.is_file():
+            rng = np.random.default_rng([cfg.seed, stage, part])
+            fresh = record(model, rng, RECORDS_PER_FILE, cfg.stage6_pil_share, cfg.stage6_per_form)
+            save_records(fresh, path.with_suffix(".tmp"))
+            path.with_suffix(".tmp").replace(path)
+        records += load_records(path)
+        log.info("stage %d: %d records (%.1f min)", stage, len(records), (time.monotonic() - t0) / 60)
+    return records
+
+
 def run_stage(model: OmgLlava, cfg, out: Path) -> None:
     """Stage 6 of `trainer.train`: record (or reload) `cfg.stage6_records` questions' pointer
     inputs under OUT/stage6, fit the pointer on them, save the model there and mark it done."""
@@ -312,16 +331,7 @@ def run_stage(model: OmgLlava, cfg, out: Path) -> None:
     t0 = time.monotonic()
     model.eval()
     model.requires_grad_(False)
-    records: list[PointerRecord] = []
-    for part in range(-(-cfg.stage6_records // RECORDS_PER_FILE)):
-        path = folder / f"records_{part:03d}.safetensors"
-        if not path.is_file():
-            rng = np.random.default_rng([cfg.seed, 6, part])
-            fresh = record(model, rng, RECORDS_PER_FILE, cfg.stage6_pil_share, cfg.stage6_per_form)
-            save_records(fresh, path.with_suffix(".tmp"))
-            path.with_suffix(".tmp").replace(path)
-        records += load_records(path)
-        log.info("stage 6: %d records (%.1f min)", len(records), (time.monotonic() - t0) / 60)
+    records = recorded(model, cfg, folder, 6, cfg.stage6_records)
     before = pointer_accuracy(head, records[:2000])
     losses = fit(head, records, cfg.stage6_steps, cfg.stage6_lr, cfg.stage6_batch, cfg.stage6_anchor_weight, cfg.seed)
     after = pointer_accuracy(head, records[:2000])

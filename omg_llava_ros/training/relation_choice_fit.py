@@ -23,15 +23,7 @@ import torch.nn.functional as F
 
 from omg_llava_ros.model.object_location import ObjectLocation
 from omg_llava_ros.model.omg_llava import OmgLlava
-from omg_llava_ros.training.pointer_fit import (
-    NO_TOKEN,
-    RECORDS_PER_FILE,
-    PointerRecord,
-    load_records,
-    pointer_accuracy,
-    record,
-    save_records,
-)
+from omg_llava_ros.training.pointer_fit import NO_TOKEN, PointerRecord, pointer_accuracy, recorded
 
 log = logging.getLogger(__name__)
 
@@ -123,16 +115,7 @@ def run_stage(model: OmgLlava, cfg, out: Path) -> None:
     t0 = time.monotonic()
     model.eval()
     model.requires_grad_(False)
-    records: list[PointerRecord] = []
-    for part in range(-(-cfg.stage7_records // RECORDS_PER_FILE)):
-        path = folder / f"records_{part:03d}.safetensors"
-        if not path.is_file():
-            rng = np.random.default_rng([cfg.seed, 7, part])
-            fresh = record(model, rng, RECORDS_PER_FILE, cfg.stage6_pil_share, cfg.stage6_per_form)
-            save_records(fresh, path.with_suffix(".tmp"))
-            path.with_suffix(".tmp").replace(path)
-        records += load_records(path)
-        log.info("stage 7: %d records (%.1f min)", len(records), (time.monotonic() - t0) / 60)
+    records = recorded(model, cfg, folder, 7, cfg.stage7_records)
     held_out, train = records[-cfg.stage7_held_out :], records[: -cfg.stage7_held_out]
     before = pointer_accuracy(head, held_out)
     losses = fit_choice(head, train, cfg.stage7_steps, cfg.stage7_lr, cfg.stage6_batch, cfg.seed)
