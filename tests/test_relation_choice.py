@@ -72,10 +72,14 @@ def test_the_nearest_object_of_the_named_shape_strictly_on_the_named_side_is_cho
         assert not chosen.any()  # no relation asked, or nothing of that shape above the anchor
     else:
         assert chosen[0].tolist() == [float(i == expected) for i in range(6)]
-    # And the pointer's scores follow it, whatever its learned scores say.
-    scores = head.point(torch.randn(1, HIDDEN), _objects(SHAPE_OF, 0), CENTROIDS, AREAS, phrase)
+    # And the pointer's scores follow it in eval mode, whatever its learned scores say; in training
+    # they are the learned scores alone.
+    args = (torch.randn(1, HIDDEN), _objects(SHAPE_OF, 0), CENTROIDS, AREAS, phrase)
+    learned = head.point(*args)
+    scores = head.eval().point(*args)
     if expected is not None:
         assert int(scores.argmax()) == expected
+    assert torch.allclose(scores - learned, 1e4 * chosen, atol=1e-2)
 
 
 def test_stuff_and_the_anchor_itself_are_never_chosen():
@@ -98,7 +102,7 @@ def test_an_untrained_choice_reads_no_relation_so_the_pointer_points_as_before()
         for name, p in plain.named_parameters():
             dict(choosing.named_parameters())[name].copy_(p)
     args = (torch.randn(3, HIDDEN), torch.randn(6, HIDDEN), CENTROIDS, AREAS, torch.randn(3, HIDDEN))
-    assert torch.equal(plain.point(*args), choosing.point(*args))
+    assert torch.equal(plain.eval().point(*args), choosing.eval().point(*args))
 
 
 def _record(rng: np.random.Generator) -> pointer_fit.PointerRecord:

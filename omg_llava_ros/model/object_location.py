@@ -44,7 +44,8 @@ nearest. So the rule of toyworld.md form 5 is applied as written, to what three 
 which relation the phrase asks (none, left of, right of, above, below), the target's shape (both
 from the phrase's mean state) and each object token's shape. Among the object tokens of that shape
 strictly on that side of the anchor (the anchor attention's choice), the nearest to it wins; with no
-relation asked, or no candidate, the scores above decide alone.
+relation asked, or no candidate, the scores above decide alone. Only in eval mode: in training
+the rule would hide the learned score's errors from its loss.
 """
 
 from __future__ import annotations
@@ -146,8 +147,8 @@ class ObjectLocation(nn.Module):
         anchor_logits = self.anchor_scores(phrase, object_hidden)
         features = relation_features(anchor_logits.softmax(-1), centroids, areas)
         scores = scores + (self.relation(seg)[:, None, :] * features).sum(-1)
-        if not self.relation_shapes:
-            return scores
+        if not self.relation_shapes or self.training:
+            return scores  # the rule has no gradient: training fits the learned score alone
         chosen = self.choose_related(phrase, object_hidden, centroids, areas, anchor_logits.argmax(-1))
         return scores + CHOICE_BONUS * chosen
 
