@@ -404,6 +404,37 @@ def test_sigint_stops_the_node_with_status_0(running):
     assert "Traceback" not in node.log()
 
 
+# The node's rclpy shell with its last shutdown step stuck and a 2 s limit (autostart off: no model).
+_STUCK_SHUTDOWN = """
+import sys, time
+import rclpy
+from omg_llava_ros.ros import rclpy_node
+rclpy_node.SHUTDOWN_LIMIT_S = 2.0
+rclpy.try_shutdown = lambda: time.sleep(600)
+print("spinning", flush=True)
+sys.exit(rclpy_node.run_rclpy(["node", "--ros-args", "-p", "autostart:=false"]))
+"""
+
+
+def test_a_stuck_shutdown_prints_every_thread_and_exits_1_within_its_limit(tmp_path):
+    log_path = tmp_path / "stuck.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-c", _STUCK_SHUTDOWN], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 60
+            while "spinning" not in log_path.read_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(1.0)  # into executor.spin()
+            proc.send_signal(signal.SIGINT)
+            code = proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log_path.read_text()
+    assert code == 1, text
+    assert "most recent call first" in text and "run_rclpy" in text, text
+
+
 def test_node_bench_reports_end_to_end_and_in_process_latency(capsys):
     from omg_llava_ros.cli import main
 
