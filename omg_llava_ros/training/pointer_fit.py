@@ -318,28 +318,40 @@ def recorded(model: OmgLlava, cfg, folder: Path, stage: int, count: int) -> list
     return records
 
 
+def frozen_stage_folder(model: OmgLlava, out: Path, stage: int) -> Path:
+    """OUT/stage{stage}, made; the model frozen in eval mode, as the records are taken from it."""
+    folder = out / f"stage{stage}"
+    folder.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    model.requires_grad_(False)
+    return folder
+
+
+def finish_stage(model: OmgLlava, folder: Path, stage: int, steps: int, report: dict) -> None:
+    """Save the fitted model under `folder` and mark the stage done with `report`; progress.json
+    makes a later `train` of this run start from these weights (`trainer.train`)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.tmp")
+    (folder / "model.tmp").replace(folder / "model.safetensors")
+    progress = {"stage": stage, "step": steps, "spent": report["minutes"] * 60}
+    (folder / "progress.json").write_text(json.dumps(progress))
+    (folder / "DONE").write_text(json.dumps(report))
+
+
 def run_stage(model: OmgLlava, cfg, out: Path) -> None:
     """Stage 6 of `trainer.train`: record (or reload) `cfg.stage6_records` questions' pointer
     inputs under OUT/stage6, fit the pointer on them, save the model there and mark it done."""
-    from safetensors.torch import save_file
-
     head = model.object_location
     if head is None or not head.relations:
         raise ValueError("stage 6 fits a pointer with relations: set point_relations on a model with locate_objects")
-    folder = out / "stage6"
-    folder.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    model.eval()
-    model.requires_grad_(False)
+    folder = frozen_stage_folder(model, out, 6)
     records = recorded(model, cfg, folder, 6, cfg.stage6_records)
     before = pointer_accuracy(head, records[:2000])
     losses = fit(head, records, cfg.stage6_steps, cfg.stage6_lr, cfg.stage6_batch, cfg.stage6_anchor_weight, cfg.seed)
     after = pointer_accuracy(head, records[:2000])
     minutes = (time.monotonic() - t0) / 60
     log.info("stage 6: pointer accuracy per form on its first records %s -> %s", before, after)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.tmp")
-    (folder / "model.tmp").replace(folder / "model.safetensors")
-    # progress.json makes a later `train` of this run start from these weights (`trainer.train`).
-    (folder / "progress.json").write_text(json.dumps({"stage": 6, "step": cfg.stage6_steps, "spent": minutes * 60}))
     report = {"steps": cfg.stage6_steps, "minutes": minutes, "losses": losses, "before": before, "after": after}
-    (folder / "DONE").write_text(json.dumps(report))
+    finish_stage(model, folder, 6, cfg.stage6_steps, report)

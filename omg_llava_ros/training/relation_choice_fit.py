@@ -12,7 +12,6 @@ scores for phrases that ask no relation too.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -23,7 +22,14 @@ import torch.nn.functional as F
 
 from omg_llava_ros.model.object_location import ObjectLocation
 from omg_llava_ros.model.omg_llava import OmgLlava
-from omg_llava_ros.training.pointer_fit import NO_TOKEN, PointerRecord, pointer_accuracy, recorded
+from omg_llava_ros.training.pointer_fit import (
+    NO_TOKEN,
+    PointerRecord,
+    finish_stage,
+    frozen_stage_folder,
+    pointer_accuracy,
+    recorded,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,16 +111,11 @@ def run_stage(model: OmgLlava, cfg, out: Path) -> None:
     """Stage 7 of `trainer.train`: record (or reload) `cfg.stage7_records` questions under
     OUT/stage7, the last `cfg.stage7_held_out` of them held out; fit the heads on the rest, save
     the model there and mark it done with the heads' and the pointer's held-out accuracy."""
-    from safetensors.torch import save_file
-
     head = model.object_location
     if head is None or not head.relation_shapes:
         raise ValueError("stage 7 fits the relation choice: set relation_shapes on a model with point_relations")
-    folder = out / "stage7"
-    folder.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    model.eval()
-    model.requires_grad_(False)
+    folder = frozen_stage_folder(model, out, 7)
     records = recorded(model, cfg, folder, 7, cfg.stage7_records)
     held_out, train = records[-cfg.stage7_held_out :], records[: -cfg.stage7_held_out]
     before = pointer_accuracy(head, held_out)
@@ -128,8 +129,4 @@ def run_stage(model: OmgLlava, cfg, out: Path) -> None:
         "minutes": (time.monotonic() - t0) / 60,
     }
     log.info("stage 7: held out %s", {k: report[k] for k in ("pointer_before", "pointer_after", "heads")})
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.tmp")
-    (folder / "model.tmp").replace(folder / "model.safetensors")
-    progress = {"stage": 7, "step": cfg.stage7_steps, "spent": report["minutes"] * 60}
-    (folder / "progress.json").write_text(json.dumps(progress))
-    (folder / "DONE").write_text(json.dumps(report))
+    finish_stage(model, folder, 7, cfg.stage7_steps, report)
