@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -273,26 +274,45 @@ def fit(
         raise ValueError("no record has a target token to fit the pointer on")
     params = [p for name, p in head.named_parameters() if name != "gate"]
     head.gate.requires_grad_(False)
+    head.train()
+    losses = fit_parameters(params, lambda b: pointer_loss(head, b, anchor_weight), usable, steps, lr, batch, seed, 6)
+    head.eval()
+    head.requires_grad_(False)
+    return losses
+
+
+def fit_parameters(
+    params: list[torch.nn.Parameter],
+    loss_of: Callable[[list[PointerRecord]], torch.Tensor],
+    records: list[PointerRecord],
+    steps: int,
+    lr: float,
+    batch: int,
+    seed: int,
+    stage: int,
+) -> list[float]:
+    """AdamW (no weight decay) on `params` alone, the rate on a cosine from `lr`, each step on
+    `batch` records drawn with replacement (random stream from `seed`); returns the loss every 100
+    steps and leaves `params` without gradients."""
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rng = np.random.default_rng(seed)
     losses = []
-    head.train()
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * step / steps))
-        picked = rng.integers(len(usable), size=batch)
-        loss = pointer_loss(head, [usable[i] for i in picked], anchor_weight)
+        picked = rng.integers(len(records), size=batch)
+        loss = loss_of([records[i] for i in picked])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % 100 == 0:
             losses.append(float(loss.detach()))
         if step % 500 == 0:
-            log.info("stage 6: step %d of %d, loss %.4f", step, steps, float(loss.detach()))
-    head.eval()
-    head.requires_grad_(False)
+            log.info("stage %d: step %d of %d, loss %.4f", stage, step, steps, float(loss.detach()))
+    for p in params:
+        p.requires_grad_(False)
     return losses
 
 

@@ -16,7 +16,6 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -26,6 +25,7 @@ from omg_llava_ros.training.pointer_fit import (
     NO_TOKEN,
     PointerRecord,
     finish_stage,
+    fit_parameters,
     frozen_stage_folder,
     pointer_accuracy,
     recorded,
@@ -87,24 +87,7 @@ def fit_choice(
         raise ValueError("the pointer has no relation choice: set relation_shapes in the model config")
     params = [p for name, p in head.named_parameters() if name.split(".")[0] in HEADS]
     head.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    rng = np.random.default_rng(seed)
-    losses = []
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * step / steps))
-        loss = choice_loss(head, [records[i] for i in rng.integers(len(records), size=batch)])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 100 == 0:
-            losses.append(float(loss.detach()))
-        if step % 500 == 0:
-            log.info("stage 7: step %d of %d, loss %.4f", step, steps, float(loss.detach()))
-    head.requires_grad_(False)
-    return losses
+    return fit_parameters(params, lambda b: choice_loss(head, b), records, steps, lr, batch, seed, 7)
 
 
 def run_stage(model: OmgLlava, cfg, out: Path) -> None:
