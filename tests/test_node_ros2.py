@@ -455,3 +455,38 @@ def test_node_bench_reports_end_to_end_and_in_process_latency(capsys):
     assert real_time["published"] == 20 and real_time["answered"] >= 1
     assert real_time["answered"] + real_time["dropped"] == 20
     assert f"{real_time['dropped']} dropped" in out and "real_time" not in report["node_cold"]
+
+
+def test_the_peers_action_client_handles_no_response_while_a_request_is_being_sent():
+    """rclpy 7.1 can take a goal's response before it has recorded the goal (ros2/rclpy#1123): the
+    peer's client makes a response wait for the request in flight."""
+    import asyncio
+    import threading
+
+    from omg_llava_ros.ros.peer import NodePeer
+
+    peer = NodePeer("/nobody/omg_llava", {k: f"/nobody{v}" for k, v in INPUTS.items()})
+    try:
+        client = peer.action_client()
+        order: list[str] = []
+        sending, release = threading.Event(), threading.Event()
+
+        def send_in_flight() -> None:
+            with client.requests_lock:
+                sending.set()
+                release.wait(10)
+                order.append("request recorded")
+
+        sender = threading.Thread(target=send_in_flight)
+        sender.start()
+        assert sending.wait(10)
+        handler = threading.Thread(target=lambda: (asyncio.run(client.execute({})), order.append("response handled")))
+        handler.start()
+        handler.join(0.5)
+        assert order == [] and handler.is_alive()  # the response waits for the request
+        release.set()
+        sender.join(10)
+        handler.join(10)
+        assert order == ["request recorded", "response handled"]
+    finally:
+        peer.close()

@@ -42,6 +42,36 @@ TRANSITIONS = {
 }
 
 
+class SerializedActionClient(ActionClient):
+    """rclpy's ActionClient with its requests and the handling of their responses under one lock.
+
+    rclpy without the fix for ros2/rclpy#1123 (Jazzy's 7.1.x among them) records a request only
+    after sending it: a goal sent from a thread other than the executor's can be answered first, and
+    the answer is then dropped ("Ignoring unexpected goal response") and the goal's future never
+    completes (seen once in CI, 2026-12-04). Reentrant, as a response's callbacks may send again.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.requests_lock = threading.RLock()
+
+    def send_goal_async(self, *args: Any, **kwargs: Any) -> Any:
+        with self.requests_lock:
+            return super().send_goal_async(*args, **kwargs)
+
+    def _cancel_goal_async(self, goal_handle: Any) -> Any:
+        with self.requests_lock:
+            return super()._cancel_goal_async(goal_handle)
+
+    def _get_result_async(self, goal_handle: Any) -> Any:
+        with self.requests_lock:
+            return super()._get_result_async(goal_handle)
+
+    async def execute(self, taken_data: Any) -> None:
+        with self.requests_lock:
+            await super().execute(taken_data)
+
+
 @dataclass
 class Received:
     msg: Any
@@ -224,7 +254,8 @@ class NodePeer:
         return {name: parameter_value_to_python(value) for name, value in zip(names, values, strict=True)}
 
     def action_client(self) -> ActionClient:
-        return ActionClient(self.node, message_class(SEGMENT), f"{self.node_name}/segment")
+        """A client of the node's segment action, safe to send goals from any thread."""
+        return SerializedActionClient(self.node, message_class(SEGMENT), f"{self.node_name}/segment")
 
     def close(self) -> None:
         self._executor.shutdown()
