@@ -105,3 +105,19 @@ def test_the_machine_reading_counts_busy_seconds_here():
 def test_a_cpu_pipeline_shares_the_process_governor_and_can_turn_it_off(tiny_model):
     assert PerceptionPipeline(tiny_model).threads is shared_governor()
     assert PerceptionPipeline(tiny_model, PipelineConfig(adapt_threads=False)).threads is None
+
+
+@pytest.mark.parametrize(
+    "given, expected",
+    [({}, "20000"), ({"GOMP_SPINCOUNT": "5"}, "5"), ({"OMP_WAIT_POLICY": "active"}, None)],
+)
+def test_importing_the_package_shortens_openmp_spinning_unless_the_user_chose(given, expected):
+    """PyTorch's libgomp reads the variable when torch loads: the package sets it on import, first."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    code = "import os, omg_llava_ros, torch; print(os.environ.get('GOMP_SPINCOUNT'))"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, **given}, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(expected)

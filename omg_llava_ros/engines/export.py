@@ -248,7 +248,7 @@ def export_encoder(model: OmgLlava, spec: GraphSpec, path: Path) -> None:
     # Batch 2 as the example: torch.export specialises a dimension of size 1 to a constant.
     pixels = torch.zeros(2, 3, s, s, device=model.device)
     images = torch.export.Dim(IMAGES, min=1, max=1024)
-    _export(EncoderGraph(model), (pixels,), path, spec.encoder_inputs, spec.encoder_outputs, ({0: images},))
+    export_graph(EncoderGraph(model), (pixels,), path, spec.encoder_inputs, spec.encoder_outputs, ({0: images},))
 
 
 def export_decoder(model: OmgLlava, spec: GraphSpec, path: Path, seg_decoder: bool = False) -> None:
@@ -266,10 +266,10 @@ def export_decoder(model: OmgLlava, spec: GraphSpec, path: Path, seg_decoder: bo
     memory_shapes = tuple(None for _ in spec.level_shapes)
     rest = (*memory_shapes, dyn, dyn, *(dyn for _ in spec.level_shapes), dyn)
     graph = DecoderGraph(model.omg_decoder, spec, seg_decoder)
-    _export(graph, tuple(a.to(dev) for a in args), path, spec.decoder_inputs, spec.decoder_outputs, (None, rest))
+    export_graph(graph, tuple(a.to(dev) for a in args), path, spec.decoder_inputs, spec.decoder_outputs, (None, rest))
 
 
-def _export(
+def export_graph(
     module: nn.Module,
     args: tuple[torch.Tensor, ...],
     path: Path,

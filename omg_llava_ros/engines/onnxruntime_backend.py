@@ -102,6 +102,26 @@ class OrtOptions:
             raise ValueError("thread counts must be ≥ 0 (0 lets ONNX Runtime choose)")
 
 
+def session_options(opts: OrtOptions, threads: int) -> Any:
+    """ONNX Runtime session options for `opts` with `threads` intra-op threads."""
+    ort = import_onnxruntime()
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = opts.inter_op_threads
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[opts.optimization]
+    if not opts.allow_spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    elif not opts.spin_between_runs:
+        so.add_session_config_entry("session.force_spinning_stop", "1")
+    return so
+
+
 class OnnxRuntimeVision(GraphVision):
     """`VisionBackend` over ONNX Runtime sessions of an `ExportedModel`. Returns tensors on `device`
     (the model's device). The decoder returns only the final mask logits (`mask_logits[-1]`)."""
@@ -140,21 +160,7 @@ class OnnxRuntimeVision(GraphVision):
     def _sessions(self, threads: int) -> dict[str, Any]:
         """One session per graph with `threads` intra-op threads, made on first use and kept."""
         if threads not in self._sessions_by_threads:
-            ort, opts = import_onnxruntime(), self.options
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = threads
-            so.inter_op_num_threads = opts.inter_op_threads
-            so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-            so.graph_optimization_level = {
-                "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-                "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-            }[opts.optimization]
-            if not opts.allow_spinning:
-                so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            elif not opts.spin_between_runs:
-                so.add_session_config_entry("session.force_spinning_stop", "1")
+            ort, so = import_onnxruntime(), session_options(self.options, threads)
             self._sessions_by_threads[threads] = {
                 role: ort.InferenceSession(session_graph(self._exported, role), so, providers=self._providers)
                 for role in self._exported.roles
@@ -173,6 +179,8 @@ class OnnxRuntimeVision(GraphVision):
         if self.options.device != "cpu" or threads == self.options.intra_op_threads:
             return
         self.sessions = self._sessions(threads)
+        if self.refiner is not None:
+            self.refiner.set_threads(threads)
         self.options = replace(self.options, intra_op_threads=threads)
 
     # -- GraphVision ----------------------------------------------------------------------------

@@ -8,9 +8,14 @@ them near the boundary, as CascadePSP and SAM-HQ refine masks with high-resoluti
 
 It runs after every mask decode (panoptic, visual prompt, `[SEG]`, follow) and changes nothing the
 LLM sees: it is trained last (training stage 5) with everything else frozen.
+
+Its two convolution stacks (`image_features`, `correct`) are what a vision backend may run faster
+(`RefinerCompute`; ONNX Runtime on the CPU: `engines.refiner_graphs`); the choice of crops stays here.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -25,6 +30,15 @@ FLOOR_LOGIT = -4.0
 BOX_OVERHEAD_PIXELS = 1500
 # Pixels of context the image features need: the guide is two 3x3 convolutions.
 GUIDE_MARGIN = 2
+
+
+class RefinerCompute(Protocol):
+    """Where the refiner's two convolution stacks run: the `MaskRefiner` module itself, or an engine
+    over the same weights (a vision backend's `refiner`)."""
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor: ...
+
+    def correct(self, up: torch.Tensor, features: torch.Tensor) -> torch.Tensor: ...
 
 
 class MaskRefiner(nn.Module):
@@ -59,8 +73,12 @@ class MaskRefiner(nn.Module):
         x = torch.cat([features, torch.tanh(up[:, None] / 4)], dim=1)
         return up + self.head(x.to(features.dtype))[:, 0].to(up.dtype)
 
-    def forward(self, logits: torch.Tensor, features: torch.Tensor | ImageGuide) -> torch.Tensor:
-        """features: the image's (1, channels, S, S), or an `ImageGuide` that computes them where needed."""
+    def forward(
+        self, logits: torch.Tensor, features: torch.Tensor | ImageGuide, compute: RefinerCompute | None = None
+    ) -> torch.Tensor:
+        """features: the image's (1, channels, S, S), or an `ImageGuide` that computes them where needed;
+        compute: where the head runs (default: this module)."""
+        compute = compute or self
         up = upsample(logits, features.shape[-1])
         out = up.clone()
         # Each mask is refined only inside the boxes of its own regions (with the head's context
@@ -72,7 +90,7 @@ class MaskRefiner(nn.Module):
                     window = features.crop(top, bottom, left, right)
                 else:
                     window = features[:1, :, top:bottom, left:right]
-                out[i, top:bottom, left:right] = self.correct(crop, window)[0]
+                out[i, top:bottom, left:right] = compute.correct(crop, window)[0]
         return out
 
 
@@ -83,10 +101,10 @@ class ImageGuide:
     than everything else the refiner does. Each crop is computed from the pixels around it (widened
     by the guide's own `GUIDE_MARGIN`, so the values equal the whole image's), until the crops asked
     for cover the image once: then the whole image's features are computed and kept.
-    pixels: (1, 3, S, S) the model input.
+    pixels: (1, 3, S, S) the model input; refiner: where the features are computed.
     """
 
-    def __init__(self, refiner: MaskRefiner, pixels: torch.Tensor):
+    def __init__(self, refiner: RefinerCompute, pixels: torch.Tensor):
         self.refiner, self.pixels = refiner, pixels
         self.shape = pixels.shape
         self._full: torch.Tensor | None = None

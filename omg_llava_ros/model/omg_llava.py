@@ -36,7 +36,7 @@ from omg_llava_ros.model.language_model import (
     special_token_ids,
     train_tokenizer,
 )
-from omg_llava_ros.model.mask_refiner import ImageGuide, MaskRefiner
+from omg_llava_ros.model.mask_refiner import ImageGuide, MaskRefiner, RefinerCompute
 from omg_llava_ros.model.object_location import (
     ObjectLocation,
     keep_component_nearest,
@@ -293,6 +293,14 @@ class OmgLlava(nn.Module):
         return self.predictor.perceive(image)
 
     # -- image pass -----------------------------------------------------------------------------
+    @property
+    def refiner_compute(self) -> RefinerCompute | None:
+        """Where the mask refiner's convolutions run: the vision backend's `refiner` where it has one
+        (ONNX Runtime on the CPU), else the module itself; None for a model without a refiner."""
+        if self.mask_refiner is None:
+            return None
+        return getattr(self.vision, "refiner", None) or self.mask_refiner
+
     def encode_image(self, image: np.ndarray, key: str) -> ImageState:
         """The image work every call needs (preprocessing, encoder, pixel decoder, and the mask
         refiner's image features) for a `check_image`d image; `key` names it for a cache."""
@@ -300,7 +308,7 @@ class OmgLlava(nn.Module):
         last_stage, memory = self.vision.encode(pixels)
         state = ImageState(key, box, last_stage, memory)
         if self.mask_refiner is not None:
-            state.refiner_features = ImageGuide(self.mask_refiner, pixels.to(self.device))
+            state.refiner_features = ImageGuide(self.refiner_compute, pixels.to(self.device))
         return state
 
     def perception_prior(self, out: DecoderOutput, pos: torch.Tensor, side: int) -> PerceptionPrior:
@@ -476,7 +484,7 @@ class OmgLlava(nn.Module):
         """Decoder mask logits (N, h, w) → (N, H, W) at the input size, refined first where the model
         has a mask refiner."""
         if self.mask_refiner is not None and len(logits):
-            logits = self.mask_refiner(logits, state.refiner_features)
+            logits = self.mask_refiner(logits, state.refiner_features, self.refiner_compute)
         return state.letterbox.logits_to_image(logits)
 
     def _masks_for_queries(

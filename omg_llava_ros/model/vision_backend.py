@@ -31,9 +31,12 @@ class VisionBackend:
     """The two vision calls the model makes. `encode`: (1, 3, S, S) normalised pixels → (last encoder
     stage (1, C4, S/32, S/32), DecoderMemory). `decode`: queries (B, N, C), positions (B, N, C) over one
     image's memory, optional constraints → DecoderOutput (`with_class`: class logits and IoU too;
-    `seg_decoder`: the [SEG] decoder copy, asked for only when the config has `llm_decoder_copy`)."""
+    `seg_decoder`: the [SEG] decoder copy, asked for only when the config has `llm_decoder_copy`).
+    `refiner`: where the mask refiner's convolutions run (`mask_refiner.RefinerCompute`), or None for
+    the model's own module."""
 
     name = "abstract"
+    refiner: Any = None
 
     def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, DecoderMemory]:
         raise NotImplementedError
