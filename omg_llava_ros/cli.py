@@ -33,11 +33,12 @@ def load_image(spec: str) -> np.ndarray:
     return cv2.cvtColor(data, cv2.COLOR_BGR2RGB)
 
 
-def load_model(spec: str | None):
-    """The model a `--model` spec names (`omg_llava_ros.loading`); exits with the reason if absent."""
+def load_model(spec: str | None, backend: str = "torch"):
+    """The model a `--model` spec names (`omg_llava_ros.loading`) with its vision on `backend`;
+    exits with the reason if absent."""
     from omg_llava_ros.loading import cli_model
 
-    return cli_model(spec)
+    return cli_model(spec, backend=backend)
 
 
 def overlay(image: np.ndarray, masks: list[np.ndarray]) -> np.ndarray:
@@ -140,7 +141,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from omg_llava_ros.training.evaluate import SECTIONS, evaluate
 
     torch.set_num_threads(args.threads)
-    model = load_model(args.model)
+    model = load_model(args.model, backend=args.backend)
     sections = tuple(args.only) if args.only else SECTIONS
     result = evaluate(
         model, samples=args.samples, seed=args.seed, sections=sections, size=args.size, renderer=args.renderer
@@ -241,6 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("ours", "pil"),
         default="ours",
         help="who draws the scenes: our renderer, or an independent Pillow one (robustness)",
+    )
+    ev.add_argument(
+        "--backend",
+        choices=("torch", "onnxruntime", "auto"),
+        default="torch",
+        help="where the vision parts run (auto: what the node picks on this machine; on a CPU, ONNX Runtime)",
     )
     ev.add_argument("--json", action="store_true", help="one line of JSON")
     ev.set_defaults(func=cmd_eval)

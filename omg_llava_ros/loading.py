@@ -90,8 +90,11 @@ def resolve_device(device: str) -> str:
 
 
 def cli_model(spec: str | None, device: str = "cpu", backend: str = "torch") -> Any:
-    """`load_model` for a command line: a missing model or unknown preset exits with the reason."""
+    """`load_model` for a command line: a missing model, an unknown preset or engines that are not built
+    exit with the reason."""
+    from omg_llava_ros.engines.spec import EngineError  # light: no torch, no engines loaded
+
     try:
         return load_model(spec, resolve_device(device), backend)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, EngineError) as err:
         raise SystemExit(f"error: {err}") from None

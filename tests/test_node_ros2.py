@@ -249,6 +249,36 @@ def test_action_succeeds_with_feedback_aborts_on_a_bad_image_and_cancels(running
     client.destroy()
 
 
+def test_a_goal_waiting_for_a_frame_gets_it_from_the_camera_topic(running):
+    """The action server spins apart from the image subscription (its own node and executor): while
+    a goal's execute callback waits, the next ~/image still arrives and answers it."""
+    from action_msgs.msg import GoalStatus
+
+    from omg_llava_ros.ros.rclpy_node import SEGMENT, message_class
+
+    node, peer = running
+    client = peer.action_client()
+    assert client.wait_for_server(timeout_sec=30)
+    rendered, gt, expression = _scene(12)
+    goal = message_class(SEGMENT).Goal()
+    goal.command, goal.use_image = f"Please segment {expression}.", False
+    future = client.send_goal_async(goal)
+    deadline = time.monotonic() + 60
+    while not future.done() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    handle = future.result()
+    assert handle.accepted
+    time.sleep(0.3)  # the goal is now waiting in its execute callback
+    _send_frame(peer, rendered, (3000, 7), depth=False)
+    result_future = handle.get_result_async()
+    while not result_future.done() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    outcome = result_future.result()
+    assert outcome.status == GoalStatus.STATUS_SUCCEEDED, (outcome.result.message, node.log()[-3000:])
+    assert _stamp(outcome.result.result) == (3000, 7) and outcome.result.result.objects
+    client.destroy()
+
+
 def test_malformed_inputs_are_logged_by_resolved_topic_and_the_node_keeps_answering(running):
     from omg_llava_ros.ros.peer import image_message
 
