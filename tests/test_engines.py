@@ -678,3 +678,16 @@ def test_onnxruntime_changes_its_thread_count_with_the_same_outputs(exported, op
     assert vision.sessions is first and vision.threads == 2
     with pytest.raises(ValueError, match="threads"):
         vision.set_threads(0)
+
+
+def test_eval_command_runs_on_the_backend_asked_for(tmp_path, monkeypatch, capsys, no_gpu):
+    from omg_llava_ros.cli import main
+
+    monkeypatch.setenv("OMG_LLAVA_ROS_ENGINES", str(tmp_path))
+    args = ["eval", "--model", "config:tiny", "--samples", "2", "--only", "follow", "--json"]
+    with pytest.raises(SystemExit, match="build-engines"):  # by name: never exported behind the user's back
+        main([*args, "--backend", "onnxruntime"])
+    assert main([*args, "--backend", "auto"]) == 0  # auto on a CPU: exported once, then ONNX Runtime
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0.0 <= result["follow_miou"] <= 1.0
+    assert any(tmp_path.rglob("encoder.onnx"))

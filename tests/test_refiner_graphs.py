@@ -5,7 +5,6 @@ re-exported (or left to PyTorch) when a file is damaged, and on the backend's th
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -152,5 +151,5 @@ def test_build_engines_exports_and_checks_the_refiner_graphs(tmp_path, monkeypat
     assert isinstance(vision, OnnxRuntimeVision) and isinstance(vision.refiner, OnnxRuntimeRefiner)
     assert {p: p.stat().st_mtime_ns for p in summary.onnx.values()} == stamps
     # the PyTorch vision backend refines in PyTorch
-    model.vision = select_backend("torch", model, replace(EngineOptions(cache_dir=tmp_path)))
+    model.vision = select_backend("torch", model, EngineOptions(cache_dir=tmp_path))
     assert model.refiner_compute is model.mask_refiner
