@@ -4,6 +4,7 @@ Layout (one folder per model, named by a content hash of its vision config and w
 
     <root>/<config name>-<fingerprint[:16]>/
         encoder.onnx  decoder.onnx  export.json          the exported graphs and their hashes
+        refiner_guide.<hash>.onnx  refiner_head.<hash>.onnx   the mask refiner's (ONNX Runtime, CPU)
         encoder.fp16.engine  encoder.fp16.engine.json    a TensorRT engine and its key record
         decoder.fp16.engine  decoder.fp16.engine.json
 
