@@ -184,9 +184,11 @@ def cmd_node_bench(args: argparse.Namespace) -> int:
         args.model is not None
         or args.config is not None
         or args.device != "cpu"
-        or args.backend not in ("torch", "onnxruntime")
+        or args.backend not in ("torch", "onnxruntime", "auto")
     ):
-        raise SystemExit("error: --ros2 times the embedded default on the CPU with --backend torch or onnxruntime")
+        raise SystemExit(
+            "error: --ros2 times the embedded default on the CPU with --backend torch, onnxruntime or auto (the node's)"
+        )
     try:
         from omg_llava_ros.ros.rclpy_node import check_interfaces
 
