@@ -92,7 +92,7 @@ def test_replay_with_the_real_model_class(tmp_path: Path, monkeypatch, capsys, t
     out = tmp_path / "out"
     argv = ["replay", str(bag), "--out", str(out), "--model", "tiny", "--max-new-tokens", "4", "--device", "cpu"]
     assert main(argv) == 0
-    assert asked == {"spec": "tiny", "device": "cpu", "backend": "torch"}
+    assert asked == {"spec": "tiny", "device": "cpu", "backend": "auto"}  # the node's default
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith(f"replayed {bag} (mcap), as fast as possible: 3 frames, 3 processed, 0 dropped")
     assert lines[-1] == f"report: {out / 'report.html'}"

@@ -42,7 +42,12 @@ def add_replay_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("--command", default=None, help="a command in force from the first frame (bags without one)")
     add_model_argument(p)
-    p.add_argument("--backend", choices=BACKENDS, default="torch", help="where the vision parts run")
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="where the vision parts run (default auto, as the node: on a CPU, ONNX Runtime, exported once)",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--output-storage", choices=("mcap", "sqlite3"), default="mcap", help="storage of DIR/output")
