@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -128,3 +129,20 @@ def test_make_demo_bag_command(tmp_path: Path, capsys) -> None:
     assert main([*argv, "--force", "--storage", "sqlite3"]) == 0
     with BagSource(out) as source:
         assert source.storage == "sqlite3" and source.topics["/camera/image_raw"].count == 3
+
+
+def test_replay_auto_falls_back_to_pytorch_vision_where_no_engine_is_usable(monkeypatch, caplog) -> None:
+    from omg_llava_ros.engines import backend as engines_backend
+    from omg_llava_ros.engines.spec import EngineNotBuiltError
+    from omg_llava_ros.model.vision_backend import TorchVision
+
+    def nothing_built(name, model, options=None):
+        raise EngineNotBuiltError("no TensorRT engine in the cache")
+
+    monkeypatch.setattr(engines_backend, "select_backend", nothing_built)
+    with caplog.at_level(logging.WARNING, logger="omg_llava_ros.replay.cli"):
+        model = replay_cli._model("config:tiny", "cpu", "auto")
+    assert isinstance(model.vision, TorchVision)
+    assert any("PyTorch vision" in r.getMessage() and "no TensorRT engine" in r.getMessage() for r in caplog.records)
+    with pytest.raises(EngineNotBuiltError):  # asked for by name: the reason, no silent fallback
+        replay_cli._model("config:tiny", "cpu", "tensorrt")

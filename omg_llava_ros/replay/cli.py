@@ -58,9 +58,24 @@ def add_replay_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def _model(spec: str | None, device: str, backend: str) -> Any:
+    """The model with its vision on `backend`. As the node does, "auto" with no usable engine (a GPU
+    machine where none is built yet) falls back to PyTorch vision with a warning; a backend asked for
+    by name fails with the reason."""
     from omg_llava_ros.loading import load_model, resolve_device
 
-    return load_model(spec, resolve_device(device), backend)
+    model = load_model(spec, resolve_device(device), "torch")
+    if backend == "torch":
+        return model
+    from omg_llava_ros.engines.backend import select_backend
+    from omg_llava_ros.engines.spec import EngineError
+
+    try:
+        model.vision = select_backend(backend, model)
+    except EngineError as exc:
+        if backend != "auto":
+            raise
+        log.warning("vision backend auto: no engine usable, PyTorch vision (slower): %s", exc)
+    return model
 
 
 def preflight(bag: str | Path, config: ReplayConfig) -> Topics:
