@@ -150,7 +150,7 @@ def test_configure_failures_are_clear_and_leave_the_node_unconfigured():
 
 
 def test_load_model_backend_choices(monkeypatch, caplog):
-    import omg_llava_ros.engines as engines
+    import omg_llava_ros.engines.backend as engines  # the node selects through select_backend_or_torch there
 
     log = logging.getLogger("omg_llava_ros.test")
     with pytest.raises(ConfigurationError, match="not an OMG-LLaVA model directory"):
@@ -162,7 +162,7 @@ def test_load_model_backend_choices(monkeypatch, caplog):
         calls.append((name, options.build_if_missing))
         raise RuntimeError("no engine built for this model; run omg-llava-ros build-engines")
 
-    monkeypatch.setattr(engines, "select_backend", unavailable, raising=False)
+    monkeypatch.setattr(engines, "select_backend", unavailable)
     with pytest.raises(ConfigurationError, match="'tensorrt' unavailable: no engine built"):
         load_model(NodeParameters(model_path="config:tiny", backend="tensorrt", device="cpu"), log)
     with caplog.at_level(logging.WARNING):

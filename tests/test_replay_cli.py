@@ -144,5 +144,6 @@ def test_replay_auto_falls_back_to_pytorch_vision_where_no_engine_is_usable(monk
         model = replay_cli._model("config:tiny", "cpu", "auto")
     assert isinstance(model.vision, TorchVision)
     assert any("PyTorch vision" in r.getMessage() and "no TensorRT engine" in r.getMessage() for r in caplog.records)
+    assert any("build-engines" in r.getMessage() for r in caplog.records)
     with pytest.raises(EngineNotBuiltError):  # asked for by name: the reason, no silent fallback
         replay_cli._model("config:tiny", "cpu", "tensorrt")

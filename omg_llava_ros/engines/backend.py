@@ -180,6 +180,27 @@ def select_backend(name: str, model: OmgLlava, options: EngineOptions | None = N
     return _auto(model, options)
 
 
+def select_backend_or_torch(
+    name: str,
+    model: OmgLlava,
+    options: EngineOptions | None = None,
+    hint: str = "Build engines ahead of time with `omg-llava-ros build-engines`",
+    logger: logging.Logger | Any = log,
+) -> VisionBackend:
+    """`select_backend`, except that "auto" with no usable engine (a GPU machine where none is built
+    yet) gives PyTorch vision with a warning ending in `hint`: the node and `replay` start anyway,
+    slower. A backend asked for by name still raises with the reason."""
+    from omg_llava_ros.model.vision_backend import TorchVision
+
+    try:
+        return select_backend(name, model, options)
+    except Exception as exc:
+        if name != "auto":
+            raise
+        logger.warning("no vision engine usable, falling back to PyTorch vision (slower): %s. %s", exc, hint)
+        return TorchVision(model)
+
+
 def _auto(model: OmgLlava, options: EngineOptions) -> VisionBackend:
     skipped: list[str] = []
     not_built = False

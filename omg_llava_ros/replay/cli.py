@@ -64,17 +64,10 @@ def _model(spec: str | None, device: str, backend: str) -> Any:
     from omg_llava_ros.loading import load_model, resolve_device
 
     model = load_model(spec, resolve_device(device), "torch")
-    if backend == "torch":
-        return model
-    from omg_llava_ros.engines.backend import select_backend
-    from omg_llava_ros.engines.spec import EngineError
+    if backend != "torch":
+        from omg_llava_ros.engines.backend import select_backend_or_torch
 
-    try:
-        model.vision = select_backend(backend, model)
-    except EngineError as exc:
-        if backend != "auto":
-            raise
-        log.warning("vision backend auto: no engine usable, PyTorch vision (slower): %s", exc)
+        model.vision = select_backend_or_torch(backend, model, logger=log)
     return model
 
 

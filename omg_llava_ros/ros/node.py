@@ -590,8 +590,8 @@ def _attach_backend(model: Any, params: NodeParameters, log: logging.Logger | An
         _attach_triton(model, params, log)
         return
     try:
-        from omg_llava_ros.engines import EngineOptions, select_backend
-        from omg_llava_ros.engines.backend import BUILD_IF_MISSING_HINT
+        from omg_llava_ros.engines import EngineOptions
+        from omg_llava_ros.engines.backend import BUILD_IF_MISSING_HINT, select_backend_or_torch
     except ImportError as exc:
         if params.backend == "auto":
             log.warning("engines unavailable (%s): PyTorch vision", exc)
@@ -601,15 +601,9 @@ def _attach_backend(model: Any, params: NodeParameters, log: logging.Logger | An
         options = EngineOptions(build_if_missing=params.build_engines, cache_dir=params.engine_cache_dir or None)
         if params.build_engines:
             log.warning("build_engines is set: missing or stale engines are built now (this can take minutes)")
-        model.vision = select_backend(params.backend, model, options)
-    except Exception as exc:
-        if params.backend == "auto":
-            log.warning(
-                "no vision engine usable, falling back to PyTorch vision (slower): %s. "
-                "Build engines ahead of time with `omg-llava-ros build-engines`, or set build_engines:=true",
-                exc,
-            )
-            return
+        hint = "Build engines ahead of time with `omg-llava-ros build-engines`, or set build_engines:=true"
+        model.vision = select_backend_or_torch(params.backend, model, options, hint, log)
+    except Exception as exc:  # a backend named explicitly ("auto" falls back above)
         # The engines' hint names the Python API's switch; a node user sets the parameter.
         reason = str(exc).replace(BUILD_IF_MISSING_HINT, "set the parameter build_engines:=true to build at configure")
         raise ConfigurationError(f"vision backend {params.backend!r} unavailable: {reason}") from exc

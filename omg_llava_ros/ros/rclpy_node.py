@@ -203,8 +203,9 @@ class RclpyTransport(Transport):
         self.node = node
         self.action_node = action_node or node
         self.logger = RosLogger(node.get_logger())
-        # Subscription callbacks are quick (they only store); the action waits for the worker,
-        # so it gets its own reentrant group and never blocks the subscriptions.
+        # Subscription callbacks are quick (they only store); the action's execute waits for the
+        # worker, so it gets a reentrant group (goals and cancels beside a waiting goal) and, in
+        # `run_rclpy`, a node and executor of its own, so that it never holds up the subscriptions.
         self._subscriptions_group = MutuallyExclusiveCallbackGroup()
         self._action_group = ReentrantCallbackGroup()
 
